@@ -1,0 +1,81 @@
+"""Attention over the paged KV cache: the seam between the model and the kernels."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Protocol
+
+import torch
+
+from llmprod.attention.metadata import AttentionMetadata
+from llmprod.attention.reference import paged_attention_ref, store_kv_ref
+from llmprod.attention.torch_backend import TorchAttentionBackend, TritonAttentionBackend
+from llmprod.errors import InvalidConfigError
+
+__all__ = [
+    "AttentionBackend",
+    "AttentionMetadata",
+    "TorchAttentionBackend",
+    "TritonAttentionBackend",
+    "get_attention_backend",
+    "paged_attention_ref",
+    "store_kv_ref",
+]
+
+
+class AttentionBackend(Protocol):
+    """Writes a layer's new K/V into its cache and attends over the cache."""
+
+    name: str
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Build per-step state once, before the first layer runs."""
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        """Store key/value at ``meta.slot_mapping``, return attention output."""
+        ...
+
+
+def get_attention_backend(name: str, device: torch.device) -> Any:
+    """Pick a backend: "auto" = Triton on CUDA, torch elsewhere.
+
+    Raises:
+        InvalidConfigError: Triton asked for with no GPU and no TRITON_INTERPRET=1,
+            or Triton not installed.
+    """
+    if name == "auto":
+        name = "triton" if device.type == "cuda" and _has_triton() else "torch"
+    if name == "torch":
+        return TorchAttentionBackend()
+    if name == "triton":
+        if not _has_triton():
+            raise InvalidConfigError(
+                "attention_backend='triton' needs Triton: pip install 'llmprod[triton]'",
+                "attention_backend",
+            )
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise InvalidConfigError(
+                "attention_backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 "
+                f"for the slow CPU interpreter); this engine runs on {device.type!r}. "
+                "Use attention_backend='torch' or 'auto'.",
+                "attention_backend",
+            )
+        return TritonAttentionBackend()
+    raise InvalidConfigError(
+        f"attention_backend={name!r} must be 'auto', 'torch' or 'triton'",
+        "attention_backend",
+    )
+
+
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None

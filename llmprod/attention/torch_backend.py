@@ -1,0 +1,143 @@
+"""Attention over the paged KV cache with torch ops (the CPU path).
+
+Decodes are batched: each group of similar-length sequences gathers its keys into
+one padded tensor and runs one SDPA call, masked to each sequence's length.
+Prefill chunks run one SDPA call per sequence; a chunk with no earlier context
+attends to its own keys directly, without reading the cache back.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llmprod.attention.metadata import AttentionMetadata
+
+# SDPA grew ``enable_gqa`` in torch 2.5; older versions repeat the KV heads.
+_HAS_ENABLE_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def _sdpa(
+    q: torch.Tensor,  # [batch, num_heads, q_len, head_dim]
+    k: torch.Tensor,  # [batch, num_kv_heads, kv_len, head_dim]
+    v: torch.Tensor,  # [batch, num_kv_heads, kv_len, head_dim]
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    group = q.shape[1] // k.shape[1]
+    if group > 1 and not _HAS_ENABLE_GQA:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    kwargs = {"enable_gqa": True} if group > 1 and _HAS_ENABLE_GQA else {}
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, **kwargs
+    )
+
+
+def _slots(block_row: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    """Slot ids of positions 0..length-1 of one sequence."""
+    num_blocks = -(-length // block_size)
+    blocks = block_row[:num_blocks].long()
+    offs = torch.arange(block_size, device=block_row.device)
+    return (blocks[:, None] * block_size + offs[None, :]).reshape(-1)[:length]
+
+
+class TorchAttentionBackend:
+    """Paged attention with torch ops; runs anywhere torch runs."""
+
+    name = "torch"
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Build the gather indices and masks once per step (shared by all layers)."""
+        bs = meta.block_size
+        device = meta.block_tables.device
+        groups = []
+        for lo, hi in meta.decode_groups:
+            lens = meta.seq_lens_host[lo:hi]
+            longest = max(lens)
+            num_blocks = -(-longest // bs)
+            offs = torch.arange(bs, device=device)
+            blocks = meta.block_tables[lo:hi, :num_blocks].long()
+            idx = (blocks[:, :, None] * bs + offs).reshape(hi - lo, -1)[:, :longest]
+            lens_t = torch.tensor(lens, device=device)
+            pos = torch.arange(longest, device=device)
+            mask = (pos[None, :] < lens_t[:, None])[:, None, None, :]  # [n, 1, 1, L]
+            groups.append((lo, hi, idx, None if min(lens) == longest else mask))
+        prefills = []
+        cu = meta.cu_seqlens_q_host
+        for s in range(meta.num_decodes, meta.num_seqs):
+            t0, t1 = cu[s], cu[s + 1]
+            q_len, seq_len = t1 - t0, meta.seq_lens_host[s]
+            if q_len == seq_len:
+                prefills.append((t0, t1, None, None))
+                continue
+            idx = _slots(meta.block_tables[s], seq_len, bs)
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=device)
+            k_pos = torch.arange(seq_len, device=device)
+            mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # [1, 1, q_len, L]
+            prefills.append((t0, t1, idx, mask))
+        meta.backend_state["torch"] = (groups, prefills)
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
+        k_flat = kv_cache[0].view(-1, num_kv_heads, head_dim)
+        v_flat = kv_cache[1].view(-1, num_kv_heads, head_dim)
+        k_flat.index_copy_(0, meta.slot_mapping, key)
+        v_flat.index_copy_(0, meta.slot_mapping, value)
+        out = torch.empty_like(query)
+        groups, prefills = meta.backend_state["torch"]
+        for lo, hi, idx, mask in groups:
+            q = query[lo:hi].unsqueeze(2)  # [n, num_heads, 1, head_dim]
+            k = k_flat[idx].transpose(1, 2)  # [n, num_kv_heads, L, head_dim]
+            v = v_flat[idx].transpose(1, 2)
+            out[lo:hi] = _sdpa(q, k, v, mask, False, scale).squeeze(2)
+        for t0, t1, idx, mask in prefills:
+            q = query[t0:t1].transpose(0, 1).unsqueeze(0)  # [1, num_heads, q_len, d]
+            if idx is None:
+                k = key[t0:t1].transpose(0, 1).unsqueeze(0)
+                v = value[t0:t1].transpose(0, 1).unsqueeze(0)
+                o = _sdpa(q, k, v, None, True, scale)
+            else:
+                k = k_flat[idx].transpose(0, 1).unsqueeze(0)
+                v = v_flat[idx].transpose(0, 1).unsqueeze(0)
+                o = _sdpa(q, k, v, mask, False, scale)
+            out[t0:t1] = o.squeeze(0).transpose(0, 1)
+        return out
+
+
+class TritonAttentionBackend:
+    """The Triton kernels of ``llmprod.kernels`` (CUDA, or TRITON_INTERPRET=1)."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        from llmprod import kernels
+
+        self._store_kv = kernels.store_kv
+        self._paged_attention = kernels.paged_attention
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        return None
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        self._store_kv(key, value, kv_cache, meta.slot_mapping)
+        return self._paged_attention(
+            query, kv_cache, meta.block_tables, meta.seq_lens, meta.cu_seqlens_q, scale
+        )

@@ -1,0 +1,830 @@
+"""The Engine: the public entry point, and the one thread that runs the steps.
+
+Callers in any thread or event loop submit requests; a single step-loop thread
+owns the scheduler, the KV cache and the model, and pushes results into each
+request's own sink. ``step()`` is schedule -> run -> process, one call each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmprod.attention import get_attention_backend
+from llmprod.config import EngineConfig, parse_bytes
+from llmprod.detokenizer import IncrementalDetokenizer
+from llmprod.errors import (
+    EngineClosedError,
+    InvalidConfigError,
+    InvalidRequestError,
+    RequestFailedError,
+)
+from llmprod.kv.manager import KVCacheManager
+from llmprod.metrics import MetricsRecorder, MetricsSnapshot, peak_rss_bytes, process_rss_bytes
+from llmprod.models.loader import build_model, load_config, sliding_window
+from llmprod.models.registry import resolve_model
+from llmprod.outputs import Completion, Delta, Timings, Usage
+from llmprod.request import Request
+from llmprod.runner import ModelRunner, StepResult
+from llmprod.sampling_params import SamplingParams
+from llmprod.scheduler import Scheduler, SchedulerOutput
+
+logger = logging.getLogger("llmprod")
+
+Prompt = str | Sequence[int]
+Message = dict[str, Any]
+_ROLES = ("system", "user", "assistant", "tool", "developer")
+_DONE = object()
+
+
+@dataclass(slots=True, eq=False)
+class _Handle:
+    """A submitted request and where its results go."""
+
+    request: Request
+    detok: IncrementalDetokenizer
+    sink: Callable[[Any], None]
+    """Receives Delta objects (streaming), the final Completion, or an exception."""
+    streaming: bool
+    submit_time: float = field(default_factory=time.monotonic)
+    done: bool = False
+
+
+class Engine:
+    """An embedded LLM engine. Build it with :meth:`from_pretrained`.
+
+    Thread-safe: ``generate``, ``chat``, ``stream`` and their async forms may be
+    called from many threads and event loops at once.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        hf_config: Any,
+        model_path: Path,
+        config: EngineConfig,
+        model_name: str,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.hf_config = hf_config
+        self.model_path = model_path
+        self.config = config
+        self.model_name = model_name
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.vocab_size = int(hf_config.vocab_size)
+        self.max_model_len = _max_model_len(hf_config, config)
+        self.eos_token_ids = _eos_ids(hf_config, tokenizer)
+        cc = config.cache_config
+        self.block_size = cc.block_size
+        self.num_blocks = _num_blocks(model, config, self.dtype)
+        self.backend = get_attention_backend(config.attention_backend, self.device)
+        self.quantization: str | None = None
+        self.kv = KVCacheManager(self.num_blocks, self.block_size, cc.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler_config, self.kv)
+        self.runner = ModelRunner(
+            model, self.num_blocks, self.block_size, self.device, self.dtype,
+            self.backend, config.seed, self.eos_token_ids,
+        )  # fmt: skip
+        self._metrics = MetricsRecorder()
+        self._handles: dict[str, _Handle] = {}
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._ids = itertools.count()
+        self._id_prefix = uuid.uuid4().hex[:8]
+        self._thread = threading.Thread(target=self._loop, name="llmprod-engine", daemon=True)
+        self._thread.start()
+        logger.info(
+            "engine ready: %s on %s/%s, %d KV blocks x %d tokens, attention=%s",
+            model_name, self.device, self.dtype, self.num_blocks, self.block_size,
+            self.backend.name,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_pretrained(cls, model: str | Path = "smollm2-135m", **kwargs: Any) -> Engine:
+        """Load a registered model name, a transformers folder or a ``.gguf`` file.
+
+        Args:
+            model: e.g. ``"smollm2-135m"`` (fetched and converted once), a folder
+                with ``config.json`` and safetensors, or a GGUF file.
+            **kwargs: fields of :class:`EngineConfig`, :class:`CacheConfig` and
+                :class:`SchedulerConfig`, flat (e.g. ``kv_cache_memory="1GiB"``,
+                ``max_num_seqs=32``).
+
+        Raises:
+            InvalidConfigError: unknown model or option (the message lists the
+                accepted values); UnsupportedModelError for other architectures.
+        """
+        from transformers import AutoTokenizer
+
+        config = EngineConfig.from_kwargs(**kwargs)
+        path = resolve_model(model)
+        hf_config = load_config(path)
+        device = _pick_device(config.device)
+        dtype = _pick_dtype(config.dtype, device)
+        if config.num_threads is not None and device.type == "cpu":
+            torch.set_num_threads(config.num_threads)
+        nn_model = build_model(hf_config, path, dtype, device)
+        quant = None
+        if config.quantization is not None:
+            quant = _quantize(nn_model, config.quantization, path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        engine = cls(nn_model, tokenizer, hf_config, path, config, str(model))
+        engine.quantization = quant
+        return engine
+
+    # ------------------------------------------------------------------ public API
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        progress: bool = False,
+        tenant: str = "default",
+        return_exceptions: bool = False,
+    ) -> list[Completion]:
+        """Complete one prompt or many; one :class:`Completion` per prompt, in order.
+
+        Args:
+            prompts: a string, a list of token ids, or a list of either.
+            params: one SamplingParams for all, or one per prompt.
+            progress: show a tqdm progress bar.
+            tenant: who is asking (for limits and accounting).
+            return_exceptions: put a failed request's exception in its place in
+                the list instead of raising. Without it, bad input raises before
+                anything runs, and a request failing in the model raises after
+                the others have finished.
+        """
+        batch = _as_prompt_list(prompts)
+        plist = self._params_list(params, len(batch))
+        results: list[Any] = [None] * len(batch)
+        done: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
+        prepared: list[tuple[int, Request | BaseException]] = []
+        for i, (p, sp) in enumerate(zip(batch, plist)):
+            try:
+                prepared.append((i, self._make_request(p, sp, tenant)))
+            except InvalidRequestError as exc:
+                if not return_exceptions:
+                    if len(batch) > 1:
+                        raise type(exc)(f"prompts[{i}]: {exc}", exc.field) from exc
+                    raise
+                prepared.append((i, exc))
+        handles = []
+        for i, req in prepared:
+            if isinstance(req, BaseException):
+                results[i] = req
+                continue
+            handles.append(self._submit(req, lambda item, i=i: done.put((i, item)), False))
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(handles), desc="generate", unit="req")
+        try:
+            for _ in handles:
+                i, item = done.get()
+                results[i] = item
+                if bar is not None:
+                    bar.update(1)
+        except BaseException:
+            for h in handles:
+                self.abort(h.request.request_id)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        if not return_exceptions:
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+        return results
+
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        **kwargs: Any,
+    ) -> Completion | list[Completion]:
+        """Answer one conversation (returns a Completion) or a list of them (a list).
+
+        Messages are ``{"role": ..., "content": ...}`` dicts, rendered with the
+        model's chat template.
+        """
+        single = _is_conversation(messages)
+        convs = [messages] if single else list(messages)
+        if not convs:
+            raise InvalidRequestError("messages is empty", "messages")
+        prompts = [self.render_chat(c) for c in convs]  # type: ignore[arg-type]
+        outs = self.generate(prompts, params, **kwargs)
+        return outs[0] if single else outs
+
+    def stream(
+        self,
+        prompt: Prompt | Sequence[Message],
+        params: SamplingParams | None = None,
+        *,
+        tenant: str = "default",
+    ) -> Iterator[Delta]:
+        """Yield :class:`Delta` pieces as they are produced; the last one carries
+        ``finish_reason`` and the full ``completion``. Stopping the iteration
+        early aborts the request."""
+        req = self._make_request(self._prompt_of(prompt), params or SamplingParams(), tenant)
+        q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        h = self._submit(req, q.put, True)
+        return self._iter_stream(h, q)
+
+    def _iter_stream(self, h: _Handle, q: queue.SimpleQueue[Any]) -> Iterator[Delta]:
+        try:
+            while True:
+                item = q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if not h.done:
+                self.abort(h.request.request_id)
+
+    async def agenerate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        tenant: str = "default",
+        return_exceptions: bool = False,
+    ) -> list[Completion]:
+        """Async :meth:`generate`: waits without blocking the event loop.
+
+        Cancelling the awaiting task aborts its requests.
+        """
+        batch = _as_prompt_list(prompts)
+        plist = self._params_list(params, len(batch))
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Any]] = []
+        handles = []
+        reqs = []
+        for i, (p, sp) in enumerate(zip(batch, plist)):
+            try:
+                reqs.append(self._make_request(p, sp, tenant))
+            except InvalidRequestError as exc:
+                if not return_exceptions:
+                    raise
+                reqs.append(exc)  # type: ignore[arg-type]
+        for req in reqs:
+            fut: asyncio.Future[Any] = loop.create_future()
+            futures.append(fut)
+            if isinstance(req, BaseException):
+                fut.set_result(req)
+                continue
+            handles.append(self._submit(req, _future_setter(loop, fut), False))
+        try:
+            results = list(await asyncio.gather(*futures))
+        except BaseException:
+            for h in handles:
+                self.abort(h.request.request_id)
+            raise
+        if not return_exceptions:
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+        return results
+
+    async def astream(
+        self,
+        prompt: Prompt | Sequence[Message],
+        params: SamplingParams | None = None,
+        *,
+        tenant: str = "default",
+    ) -> AsyncIterator[Delta]:
+        """Async :meth:`stream`. Closing the iterator or cancelling the consuming
+        task aborts the request."""
+        req = self._make_request(self._prompt_of(prompt), params or SamplingParams(), tenant)
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[Any] = asyncio.Queue()
+
+        def sink(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:  # the loop is closed: nobody is listening
+                pass
+
+        h = self._submit(req, sink, True)
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if not h.done:
+                self.abort(h.request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        """End a request early; it finishes with ``finish_reason="abort"``.
+
+        Unknown or finished ids are ignored.
+        """
+        if not self._closed:
+            self._inbox.put(("abort", request_id))
+            self._wakeup.set()
+
+    def metrics(self) -> MetricsSnapshot:
+        """A snapshot of counters, latency percentiles, cache and memory use."""
+        m = self._metrics
+        elapsed = max(time.monotonic() - m.start_time, 1e-9)
+        with m._lock:
+            counts = dict(m.counts)
+            tokens = dict(m.tokens)
+            steps, padded, processed, peak_kv = m.steps, m.padded, m.processed, m.peak_kv_usage
+        pool = self.kv.pool
+        kv = self.kv
+        hit_rate = kv.num_prefix_hit_tokens / kv.num_prefix_query_tokens if kv.num_prefix_query_tokens else 0.0
+        running = sum(1 for h in list(self._handles.values()) if not h.done)
+        if self.device.type == "cuda":
+            mem = {"now_bytes": int(torch.cuda.memory_allocated(self.device)),
+                   "peak_bytes": int(torch.cuda.max_memory_allocated(self.device))}  # fmt: skip
+        else:
+            mem = {"now_bytes": process_rss_bytes(), "peak_bytes": peak_rss_bytes()}
+        return MetricsSnapshot(
+            requests={**counts, "in_flight": running},
+            tokens=tokens,
+            latency_s=m.latency(),
+            throughput={
+                "generated_tokens_per_s": tokens["completion"] / elapsed,
+                "total_tokens_per_s": (tokens["completion"] + tokens["prompt"]) / elapsed,
+            },
+            kv_cache={
+                "num_blocks": self.num_blocks,
+                "block_size": self.block_size,
+                "usage": pool.usage(),
+                "peak_usage": peak_kv,
+                "cached_blocks": pool.num_cached_blocks,
+                "prefix_hit_rate": hit_rate,
+                "evictions": pool.num_evictions,
+            },
+            scheduler={
+                "steps": steps,
+                "preemptions": self.scheduler.num_preemptions,
+                "padding_waste": padded / processed if processed else 0.0,
+            },
+            memory=mem,
+            engine={
+                "model": self.model_name,
+                "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "attention_backend": self.backend.name,
+                "quantization": self.quantization,
+                "model_path": str(self.model_path),
+            },
+        )
+
+    def close(self) -> None:
+        """Abort what is in flight, stop the step thread, free model and KV memory.
+
+        A second call does nothing.
+        """
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._inbox.put(("close", None))
+        self._wakeup.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        self.runner.kv_caches = []
+        self.runner.model = None  # type: ignore[assignment]
+        self.model = None  # type: ignore[assignment]
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ requests
+    def render_chat(self, messages: Sequence[Message]) -> list[int]:
+        """Token ids of a conversation rendered with the chat template."""
+        _check_messages(messages)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError(
+                f"model {self.model_name!r} has no chat template; use generate()", "messages"
+            )
+        text = self.tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=False
+        )
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _prompt_of(self, prompt: Prompt | Sequence[Message]) -> Prompt:
+        if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
+            return self.render_chat(prompt)  # type: ignore[arg-type]
+        return prompt  # type: ignore[return-value]
+
+    def _params_list(
+        self, params: SamplingParams | Sequence[SamplingParams] | None, n: int
+    ) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams()] * n
+        if isinstance(params, SamplingParams):
+            return [params] * n
+        plist = list(params)
+        if len(plist) != n:
+            raise InvalidRequestError(
+                f"params has {len(plist)} entries for {n} prompts; pass one or one per "
+                "prompt",
+                "params",
+            )
+        return plist
+
+    def _make_request(self, prompt: Prompt, params: SamplingParams, tenant: str) -> Request:
+        """Validate and tokenize in the caller's thread (errors raise here)."""
+        if self._closed:
+            raise EngineClosedError("the engine is closed")
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(
+                f"params must be SamplingParams, got {type(params).__name__}", "params"
+            )
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty", "prompt")
+            ids = list(self.tokenizer.encode(prompt))
+            if not ids:
+                raise InvalidRequestError("prompt is empty after tokenization", "prompt")
+        else:
+            ids = list(prompt)
+            if not ids:
+                raise InvalidRequestError("prompt is empty (no token ids)", "prompt")
+            for j, t in enumerate(ids):
+                if not isinstance(t, int) or isinstance(t, bool):
+                    raise InvalidRequestError(
+                        f"prompt token {j} is {t!r}, not an int", "prompt"
+                    )
+                if not 0 <= t < self.vocab_size:
+                    raise InvalidRequestError(
+                        f"prompt token {j} = {t} is out of vocabulary (valid ids are "
+                        f"0..{self.vocab_size - 1})",
+                        "prompt",
+                    )
+        n = len(ids)
+        if n > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {n} tokens, more than max_model_len={self.max_model_len}",
+                "prompt",
+            )
+        if n + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = "
+                f"{n + params.max_tokens} exceeds max_model_len={self.max_model_len}",
+                "max_tokens",
+            )
+        if self.kv.blocks_needed(n) > self.num_blocks:
+            raise InvalidRequestError(
+                f"prompt has {n} tokens and can never fit the KV cache of "
+                f"{self.num_blocks} blocks x {self.block_size} = "
+                f"{self.num_blocks * self.block_size} tokens",
+                "prompt",
+            )
+        rid = f"req-{self._id_prefix}-{next(self._ids)}"
+        return Request(rid, ids, params, tenant=tenant)
+
+    def _submit(self, req: Request, sink: Callable[[Any], None], streaming: bool) -> _Handle:
+        p = req.params
+        detok = IncrementalDetokenizer(
+            self.tokenizer, p.stop, p.include_stop_str_in_output, p.skip_special_tokens
+        )
+        h = _Handle(req, detok, sink, streaming)
+        with self._close_lock:
+            if self._closed:
+                raise EngineClosedError("the engine is closed")
+            self._metrics.on_submit()
+            self._inbox.put(("add", h))
+        self._wakeup.set()
+        return h
+
+    # ------------------------------------------------------------------ step loop
+    def _loop(self) -> None:
+        while True:
+            self._wakeup.clear()
+            if not self._drain_inbox():
+                self._shutdown()
+                return
+            if not self.scheduler.has_work():
+                self._wakeup.wait()
+                continue
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - a bug must not kill the loop silently
+                logger.exception("engine step failed outside the model")
+                for h in list(self._handles.values()):
+                    self._fail(h, RequestFailedError("engine step failed; see the log"))
+
+    def _drain_inbox(self) -> bool:
+        """Take new requests and aborts. False when close() was asked."""
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+            if kind == "add":
+                self._handles[item.request.request_id] = item
+                self.scheduler.add(item.request)
+            elif kind == "abort":
+                h = self._handles.get(item)
+                if h is not None and not h.done:
+                    self.scheduler.abort(h.request)
+                    self._finalize(h, "abort")
+            elif kind == "close":
+                return False
+
+    def _shutdown(self) -> None:
+        for h in list(self._handles.values()):
+            if not h.done:
+                self.scheduler.abort(h.request)
+                self._finalize(h, "abort")
+        while True:  # requests that raced with close()
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                item.request.block_ids = []
+                self._finalize(item, "abort")
+
+    def step(self) -> None:
+        """One engine step: schedule, run the model, process the outputs."""
+        out = self.scheduler.schedule()
+        for req in out.finished:
+            self._finalize(self._handles[req.request_id], req.finish_reason or "length")
+        if out.is_empty:
+            return
+        try:
+            result = self.runner.execute(out)
+        except Exception as exc:  # noqa: BLE001 - fail this step's requests only
+            self._fail_step(out, exc)
+            return
+        self.scheduler.update(out)
+        self._process(out, result)
+        self._metrics.on_step(out.padded_elements, out.processed_elements, self.kv.pool.usage())
+
+    def _process(self, out: SchedulerOutput, result: StepResult) -> None:
+        now = time.monotonic()
+        for row, idx in enumerate(result.sampled_entries):
+            req = out.scheduled[idx].request
+            h = self._handles[req.request_id]
+            token = result.sampled.token_ids[row]
+            req.append_token(token)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            lp = result.sampled.logprobs[row]
+            if lp is not None:
+                req.logprobs.append(lp)
+            stop_str = h.detok.add(token)
+            reason = self._check_stop(req, token, stop_str)
+            if reason is not None:
+                self.scheduler.finish(req, reason)
+                self._finalize(h, reason, last_token_ids=[token])
+            elif h.streaming:
+                text = h.detok.take_delta(final=False)
+                h.sink(Delta(req.request_id, text, [token]))
+
+    def _check_stop(self, req: Request, token: int, stop_str: str | None) -> str | None:
+        p = req.params
+        if stop_str is not None:
+            req.stop_reason = stop_str
+            return "stop"
+        n_out = req.num_output_tokens
+        if n_out >= p.min_tokens:
+            if token in p.stop_token_ids:
+                req.stop_reason = token
+                return "stop"
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return "stop"
+        if n_out >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _fail_step(self, out: SchedulerOutput, exc: Exception) -> None:
+        logger.error("model forward failed; failing the %d requests of this step: %r",
+                     len(out.scheduled), exc)  # fmt: skip
+        for e in out.scheduled:
+            h = self._handles.get(e.request.request_id)
+            self.scheduler.finish(e.request, "error")
+            if h is not None:
+                err = RequestFailedError(
+                    f"request {e.request.request_id} failed in the model: {exc!r}",
+                    e.request.request_id,
+                )
+                self._fail(h, err)
+
+    def _fail(self, h: _Handle, err: BaseException) -> None:
+        if h.done:
+            return
+        if not h.request.is_finished:
+            self.scheduler.finish(h.request, "error")
+        h.done = True
+        self._handles.pop(h.request.request_id, None)
+        req = h.request
+        self._metrics.on_finish("errored", req.num_prompt_tokens, req.num_output_tokens,
+                                req.num_cached_tokens, {})  # fmt: skip
+        h.sink(err)
+
+    def _finalize(self, h: _Handle, reason: str, last_token_ids: list[int] | None = None) -> None:
+        """Build the Completion, record metrics, deliver the last item.
+
+        ``last_token_ids``: tokens of this step not yet streamed (they ride on the
+        final delta).
+        """
+        if h.done:
+            return
+        h.done = True
+        self._handles.pop(h.request.request_id, None)
+        req = h.request
+        req.finish_reason = reason
+        req.finish_time = time.monotonic()
+        t0 = h.submit_time
+        n_out = req.num_output_tokens
+        timings = Timings(
+            queued_s=None if req.first_scheduled_time is None else req.first_scheduled_time - t0,
+            ttft_s=None if req.first_token_time is None else req.first_token_time - t0,
+            e2e_s=req.finish_time - t0,
+            tpot_s=(req.finish_time - req.first_token_time) / (n_out - 1)
+            if req.first_token_time is not None and n_out > 1 else None,
+        )  # fmt: skip
+        comp = Completion(
+            request_id=req.request_id,
+            text=h.detok.text,
+            token_ids=req.output_token_ids,
+            finish_reason=reason,
+            prompt_token_ids=req.prompt_token_ids,
+            stop_reason=req.stop_reason,
+            usage=Usage(req.num_prompt_tokens, n_out, req.num_cached_tokens),
+            timings=timings,
+            logprobs=req.logprobs if req.params.logprobs is not None else None,
+            prompt_logprobs=req.prompt_logprobs if req.params.prompt_logprobs is not None else None,
+        )  # fmt: skip
+        outcome = "aborted" if reason == "abort" else "completed"
+        self._metrics.on_finish(
+            outcome, req.num_prompt_tokens, n_out, req.num_cached_tokens,
+            {"queued": timings.queued_s, "ttft": timings.ttft_s, "tpot": timings.tpot_s,
+             "e2e": timings.e2e_s},
+        )  # fmt: skip
+        if h.streaming:
+            text = h.detok.take_delta(final=True)
+            h.sink(Delta(req.request_id, text, last_token_ids or [], reason, comp))
+        else:
+            h.sink(comp)
+
+
+# ---------------------------------------------------------------------- helpers
+def _future_setter(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any]) -> Callable[[Any], None]:
+    def set_(item: Any) -> None:
+        def apply() -> None:
+            if not fut.done():
+                fut.set_result(item)
+
+        try:
+            loop.call_soon_threadsafe(apply)
+        except RuntimeError:  # loop closed
+            pass
+
+    return set_
+
+
+def _as_prompt_list(prompts: Any) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        if not prompts:
+            raise InvalidRequestError("prompts is empty", "prompt")
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+            return [list(prompts)]
+        return list(prompts)
+    raise InvalidRequestError(
+        f"prompt must be a str, a list of token ids, or a list of those; got "
+        f"{type(prompts).__name__}",
+        "prompt",
+    )
+
+
+def _is_conversation(messages: Any) -> bool:
+    if not isinstance(messages, (list, tuple)):
+        raise InvalidRequestError(
+            f"messages must be a list of dicts, got {type(messages).__name__}", "messages"
+        )
+    return not messages or isinstance(messages[0], dict)
+
+
+def _check_messages(messages: Sequence[Message]) -> None:
+    if not messages:
+        raise InvalidRequestError("messages is empty", "messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise InvalidRequestError(f"messages[{i}] is not a dict", "messages")
+        if "role" not in m:
+            raise InvalidRequestError(f"messages[{i}] has no 'role'", "messages")
+        if m["role"] not in _ROLES:
+            raise InvalidRequestError(
+                f"messages[{i}]['role']={m['role']!r} is not one of {_ROLES}", "messages"
+            )
+        if "content" not in m:
+            raise InvalidRequestError(f"messages[{i}] has no 'content'", "messages")
+        if not isinstance(m["content"], str):
+            raise InvalidRequestError(
+                f"messages[{i}]['content'] must be a str, got "
+                f"{type(m['content']).__name__}",
+                "messages",
+            )
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidConfigError(f"device={name!r} asked for but CUDA is not available", "device")
+    return dev
+
+
+def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def _max_model_len(hf_config: Any, config: EngineConfig) -> int:
+    native = int(getattr(hf_config, "max_position_embeddings", 0) or 2048)
+    window = sliding_window(hf_config)
+    if window is not None and window < native:
+        logger.warning("attention window %d < context %d: limiting max_model_len to the "
+                       "window (no sliding-window attention on the native path)", window, native)
+        native = window
+    if config.max_model_len is None:
+        return native
+    if config.max_model_len > native:
+        raise InvalidConfigError(
+            f"max_model_len={config.max_model_len} exceeds the model's context length "
+            f"{native}",
+            "max_model_len",
+        )
+    return config.max_model_len
+
+
+def _eos_ids(hf_config: Any, tokenizer: Any) -> tuple[int, ...]:
+    ids: set[int] = set()
+    for src in (getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(int(x) for x in src)
+    return tuple(sorted(ids))
+
+
+def _num_blocks(model: torch.nn.Module, config: EngineConfig, dtype: torch.dtype) -> int:
+    cc = config.cache_config
+    if cc.num_kv_blocks is not None:
+        return cc.num_kv_blocks
+    per_block = ModelRunner.bytes_per_block(model, cc.block_size, dtype)
+    budget = parse_bytes(cc.kv_cache_memory or "1GiB")
+    n = budget // per_block
+    if n < 2:
+        raise InvalidConfigError(
+            f"kv_cache_memory={cc.kv_cache_memory!r} holds {n} blocks of {per_block} bytes; "
+            "at least 2 are needed",
+            "kv_cache_memory",
+        )
+    return int(n)
+
+
+def _quantize(model: torch.nn.Module, method: str, path: Path) -> str:
+    try:
+        from llmprod.quant import int8
+    except ImportError as exc:  # pragma: no cover - packaging error
+        raise InvalidConfigError(f"int8 quantization is unavailable: {exc}", "quantization") from exc
+    mapping = {"int8": "auto", "int8-wo": "int8-wo", "int8-bnb": "int8-bnb"}
+    return str(int8.quantize_model(model, method=mapping[method]))

@@ -1,0 +1,133 @@
+"""The pool of KV blocks: free list, reference counts, prefix map.
+
+A block is *free* when no request holds it (ref count 0). Free blocks wait in one
+LRU queue; a free block that still carries a prefix hash stays findable through
+the prefix map until it is handed out again (that is its eviction)::
+
+    allocate() pops from the front ─┐          free() appends at the back
+                                    ▼                         ▼
+    free queue:   [ never used / oldest freed ... most recently freed ]
+    prefix map:   hash -> block id (blocks whose KV is a full, known prefix)
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+
+def hash_block(parent_hash: int | None, token_ids: Sequence[int]) -> int:
+    """Hash of a full block: its parent's hash and its own token ids.
+
+    Chaining the parent makes equal hashes mean equal whole prefixes.
+
+    >>> hash_block(None, [1, 2]) == hash_block(None, [1, 2])
+    True
+    >>> hash_block(None, [1, 2]) == hash_block(hash_block(None, [0]), [1, 2])
+    False
+    """
+    return hash((parent_hash, tuple(token_ids)))
+
+
+class BlockPool:
+    """Reference-counted KV blocks with automatic prefix caching.
+
+    Args:
+        num_blocks: blocks in the pool.
+        enable_prefix_caching: keep full blocks findable by hash after they are
+            freed, until the space is needed.
+    """
+
+    def __init__(self, num_blocks: int, enable_prefix_caching: bool = True) -> None:
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hashes: list[int | None] = [None] * num_blocks
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._prefix: dict[int, int] = {}
+        self.num_evictions = 0
+
+    # --- queries -----------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks no request holds (cached or not)."""
+        return len(self._free)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks findable by prefix hash (held or free)."""
+        return len(self._prefix)
+
+    def usage(self) -> float:
+        """Fraction of blocks held by requests."""
+        return 1.0 - len(self._free) / self.num_blocks
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        return num_blocks <= len(self._free)
+
+    def lookup(self, block_hash: int) -> int | None:
+        """The block holding this prefix hash, or None."""
+        return self._prefix.get(block_hash)
+
+    def is_whole(self) -> bool:
+        """True when every block is free: no request holds any."""
+        return len(self._free) == self.num_blocks and not any(self.ref_counts)
+
+    # --- actions -----------------------------------------------------------------
+    def allocate(self, num_blocks: int) -> list[int]:
+        """Hand out ``num_blocks`` fresh blocks (ref count 1), evicting cached ones.
+
+        Raises:
+            RuntimeError: fewer free blocks than asked (check ``can_allocate``).
+        """
+        if num_blocks > len(self._free):
+            raise RuntimeError(f"asked for {num_blocks} blocks, {len(self._free)} free")
+        out = []
+        for _ in range(num_blocks):
+            block_id, _ = self._free.popitem(last=False)
+            self._maybe_evict(block_id)
+            self.ref_counts[block_id] = 1
+            out.append(block_id)
+        return out
+
+    def touch(self, block_ids: Iterable[int]) -> None:
+        """Take one more reference on blocks found by prefix hash."""
+        for b in block_ids:
+            if self.ref_counts[b] == 0:
+                del self._free[b]
+            self.ref_counts[b] += 1
+
+    def free(self, block_ids: Iterable[int]) -> None:
+        """Drop one reference; blocks reaching zero join the back of the free queue.
+
+        Pass a request's blocks in reverse order so its tail is evicted first.
+        """
+        for b in block_ids:
+            rc = self.ref_counts[b]
+            if rc <= 0:
+                raise RuntimeError(f"double free of KV block {b}")
+            self.ref_counts[b] = rc - 1
+            if rc == 1:
+                self._free[b] = None
+
+    def cache_block(self, block_id: int, block_hash: int) -> None:
+        """Make a full block findable by its prefix hash."""
+        if not self.enable_prefix_caching or self.block_hashes[block_id] is not None:
+            return
+        if block_hash in self._prefix:  # same prefix computed twice: keep the first
+            return
+        self.block_hashes[block_id] = block_hash
+        self._prefix[block_hash] = block_id
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (blocks held by requests stay valid)."""
+        self._prefix.clear()
+        self.block_hashes = [None] * self.num_blocks
+
+    def _maybe_evict(self, block_id: int) -> None:
+        h = self.block_hashes[block_id]
+        if h is not None:
+            self.block_hashes[block_id] = None
+            if self._prefix.get(h) == block_id:
+                del self._prefix[h]
+            self.num_evictions += 1

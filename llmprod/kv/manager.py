@@ -1,0 +1,103 @@
+"""Per-request block tables on top of the :class:`BlockPool`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from llmprod.kv.block_pool import BlockPool, hash_block
+
+if TYPE_CHECKING:
+    from llmprod.request import Request
+
+
+class KVCacheManager:
+    """Gives requests the blocks their tokens need and finds cached prefixes.
+
+    Args:
+        num_blocks: blocks in the pool.
+        block_size: tokens per block.
+        enable_prefix_caching: reuse full blocks with equal prefix hashes.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.num_prefix_queries = 0
+        self.num_prefix_hit_tokens = 0
+        self.num_prefix_query_tokens = 0
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def update_hashes(self, request: Request) -> None:
+        """Extend ``request.block_hashes`` over every full block of known tokens."""
+        bs = self.block_size
+        hashes = request.block_hashes
+        tokens = request.token_ids
+        while (len(hashes) + 1) * bs <= len(tokens):
+            i = len(hashes)
+            parent = hashes[-1] if hashes else None
+            hashes.append(hash_block(parent, tokens[i * bs : (i + 1) * bs]))
+
+    def find_cached_prefix(self, request: Request) -> list[int]:
+        """Blocks holding the longest cached prefix of the request's known tokens.
+
+        At least one token is always left to compute, so the step that finishes
+        the prefill has logits to sample from.
+        """
+        if not self.enable_prefix_caching or request.params.prompt_logprobs is not None:
+            return []
+        self.update_hashes(request)
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        found = []
+        for h in request.block_hashes[:max_blocks]:
+            b = self.pool.lookup(h)
+            if b is None:
+                break
+            found.append(b)
+        self.num_prefix_queries += 1
+        self.num_prefix_query_tokens += request.num_tokens
+        self.num_prefix_hit_tokens += len(found) * self.block_size
+        return found
+
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, cached_blocks: list[int] | None = None
+    ) -> bool:
+        """Make room for ``num_new_tokens`` more tokens (after any cached prefix).
+
+        Returns False, changing nothing, when the pool lacks free blocks.
+        """
+        cached = cached_blocks or []
+        num_tokens = request.num_computed_tokens + len(cached) * self.block_size
+        need = self.blocks_needed(num_tokens + num_new_tokens)
+        num_new_blocks = need - len(request.block_ids) - len(cached)
+        # Cached blocks nobody holds sit in the free queue: taking them uses it up.
+        num_free_hits = sum(1 for b in cached if self.pool.ref_counts[b] == 0)
+        if num_new_blocks > self.pool.num_free_blocks - num_free_hits:
+            return False
+        if cached:
+            self.pool.touch(cached)
+            request.block_ids.extend(cached)
+            request.num_computed_tokens = num_tokens
+        if num_new_blocks > 0:
+            request.block_ids.extend(self.pool.allocate(num_new_blocks))
+        return True
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Register the blocks whose tokens all have KV now."""
+        if not self.enable_prefix_caching:
+            return
+        self.update_hashes(request)
+        num_full = min(request.num_computed_tokens // self.block_size,
+                       len(request.block_hashes), len(request.block_ids))  # fmt: skip
+        for i in range(request.num_registered_blocks, num_full):
+            self.pool.cache_block(request.block_ids[i], request.block_hashes[i])
+        request.num_registered_blocks = max(request.num_registered_blocks, num_full)
+
+    def free(self, request: Request) -> None:
+        """Return the request's blocks (tail first, so the tail is evicted first)."""
+        self.pool.free(reversed(request.block_ids))
+        request.block_ids = []
+        request.num_computed_tokens = 0
+        request.num_registered_blocks = 0

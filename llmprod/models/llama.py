@@ -1,0 +1,221 @@
+"""Native Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) over the paged cache.
+
+The model takes a flat batch of tokens (no padding) and calls the attention
+backend for every layer. Projections are fused: q/k/v in one linear, gate/up in
+another. Rotary embeddings come from transformers' own rotary module, so every
+RoPE variant the config names is computed exactly as transformers does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmprod.attention.metadata import AttentionMetadata
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _load_shard(param: torch.Tensor, loaded: torch.Tensor, sizes: list[int], shard: int) -> None:
+    """Copy checkpoint shard ``shard`` into its rows of a fused parameter."""
+    rows = param.data.narrow(0, sum(sizes[:shard]), sizes[shard])
+    if rows.shape != loaded.shape:
+        raise ValueError(f"shard {shard}: expected {tuple(rows.shape)}, got {tuple(loaded.shape)}")
+    rows.copy_(loaded)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: Any, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.scale = self.head_dim**-0.5
+        qkv_bias, o_bias = _attention_biases(config)
+        sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
+        self.qkv_proj = nn.Linear(config.hidden_size, sum(sizes), bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=o_bias)
+        self.qkv_sizes = sizes
+        # Read by load_weights: rows of each checkpoint shard in the fused weight.
+        self.qkv_proj.shard_sizes = sizes  # type: ignore[assignment]
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [num_tokens, hidden_size]
+        cos: torch.Tensor,  # [num_tokens, 1, head_dim]
+        sin: torch.Tensor,  # [num_tokens, 1, head_dim]
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        backend: Any,
+    ) -> torch.Tensor:
+        n = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split(self.qkv_sizes, dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        out = backend.forward(q, k, v.contiguous(), kv_cache, meta, self.scale)
+        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        inter = config.intermediate_size
+        bias = bool(getattr(config, "mlp_bias", False))
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * inter, bias=bias)
+        self.down_proj = nn.Linear(inter, config.hidden_size, bias=bias)
+        self.gate_up_proj.shard_sizes = [inter, inter]  # type: ignore[assignment]
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act={act!r} is not supported by the native Llama path")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: Any, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden, cos, sin, kv_cache, meta, backend):  # type: ignore[no-untyped-def]
+        h = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, kv_cache, meta, backend)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = _rotary_module(config)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Flat-batch Llama: ``forward`` returns hidden states, ``compute_logits`` the
+    logits of the rows that are sampled."""
+
+    # HF checkpoint name -> (our parameter name, shard) for the fused projections.
+    _FUSED = {
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        attn = self.model.layers[0].self_attn
+        self.num_kv_heads = attn.num_kv_heads
+        self.head_dim = attn.head_dim
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # int64 [num_tokens]
+        positions: torch.Tensor,  # int64 [num_tokens]
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+        backend: Any,
+    ) -> torch.Tensor:  # [num_tokens, hidden_size]
+        hidden = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb(hidden.unsqueeze(0), positions.unsqueeze(0))
+        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [num_tokens, 1, head_dim]
+        backend.prepare(meta)
+        for layer, kv_cache in zip(self.model.layers, kv_caches):
+            hidden = layer(hidden, cos, sin, kv_cache, meta, backend)
+        return self.model.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, vocab] fp32
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors (transformers names) into the fused parameters.
+
+        Raises:
+            ValueError: a parameter is missing from the checkpoint or has the wrong
+                shape.
+        """
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if self.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            parts = name.split(".")
+            shard = None
+            if len(parts) >= 2 and parts[-2] in self._FUSED:
+                fused, shard = self._FUSED[parts[-2]]
+                name = ".".join([*parts[:-2], fused, parts[-1]])
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
+            param = params[name]
+            if shard is not None:
+                module = self.get_submodule(name.rsplit(".", 1)[0])
+                _load_shard(param, tensor, module.shard_sizes, shard)
+                loaded.add(f"{name}#{shard}")
+            else:
+                if param.shape != tensor.shape:
+                    raise ValueError(
+                        f"{name}: checkpoint shape {tuple(tensor.shape)} != "
+                        f"model shape {tuple(param.shape)}"
+                    )
+                param.data.copy_(tensor)
+                loaded.add(name)
+        missing = [
+            n for n in params if n not in loaded and not any(
+                k.startswith(n + "#") for k in loaded)
+            and not (self.tie_word_embeddings and n == "lm_head.weight")
+        ]  # fmt: skip
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+
+
+def _attention_biases(config: Any) -> tuple[bool, bool]:
+    if config.model_type == "qwen2":
+        return True, False
+    bias = bool(getattr(config, "attention_bias", False))
+    return bias, bias
+
+
+def _rotary_module(config: Any) -> nn.Module:
+    """transformers' own rotary embedding for this config (exact same cos/sin)."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    return LlamaRotaryEmbedding(config=config)

@@ -1,0 +1,89 @@
+"""A request's state inside the engine (CPU bookkeeping, no torch)."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmprod.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """One prompt being served.
+
+    ``token_ids`` holds the prompt followed by the generated tokens;
+    ``num_computed_tokens`` of them have their KV in the cache.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    tenant: str = "default"
+    arrival_time: float = field(default_factory=time.monotonic)
+    token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)
+    num_registered_blocks: int = 0
+    """Leading blocks already registered in the prefix map."""
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache at first scheduling."""
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    num_preemptions: int = 0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    prompt_logprobs_done: bool = False
+    prompt_logprobs: list[Any] = field(default_factory=list)
+    logprobs: list[Any] = field(default_factory=list)
+    seen_token_ids: set[int] | None = None
+    """Tokens in prompt and output, kept only for the repetition penalty."""
+    generator: Any = None
+    """The request's own torch.Generator when it has a seed."""
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+        if self.params.repetition_penalty != 1.0:
+            self.seen_token_ids = set(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def is_prefilling(self) -> bool:
+        """True while some known tokens still lack KV (prompt or after preemption)."""
+        return self.num_computed_tokens < len(self.token_ids) - 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+        if self.seen_token_ids is not None:
+            self.seen_token_ids.add(token_id)

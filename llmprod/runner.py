@@ -1,0 +1,145 @@
+"""Runs one scheduled step on the model: flat inputs in, sampled tokens out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from llmprod.attention.metadata import AttentionMetadata
+from llmprod.sampler import Sampler, SamplerOutput, make_logprob
+from llmprod.scheduler import SchedulerOutput
+
+
+@dataclass(slots=True)
+class StepResult:
+    """Sampled tokens of the entries that sample, in scheduled order."""
+
+    sampled: SamplerOutput
+    sampled_entries: list[int] = field(default_factory=list)
+    """Indices into ``SchedulerOutput.scheduled`` of the rows in ``sampled``."""
+
+
+class ModelRunner:
+    """Owns the model, its KV tensors and the sampler.
+
+    Args:
+        model: a native model with ``forward``/``compute_logits``.
+        num_blocks: KV blocks per layer.
+        block_size: tokens per block.
+        device, dtype: where and how the KV cache is held.
+        backend: the attention backend.
+        seed: seed of the sampler's shared generator.
+        eos_token_ids: tokens that end a sequence unless ``ignore_eos``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        backend: object,
+        seed: int,
+        eos_token_ids: tuple[int, ...],
+    ) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        self.backend = backend
+        self.eos_token_ids = eos_token_ids
+        num_layers = len(model.model.layers)  # type: ignore[union-attr,arg-type]
+        shape = (2, num_blocks, block_size, model.num_kv_heads, model.head_dim)  # type: ignore[union-attr]
+        # torch.empty: pages are touched only as blocks are written.
+        self.kv_caches = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.sampler = Sampler(seed, device)
+
+    @staticmethod
+    def bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
+        num_layers = len(model.model.layers)  # type: ignore[union-attr,arg-type]
+        per_token = 2 * model.num_kv_heads * model.head_dim * dtype.itemsize  # type: ignore[union-attr,operator]
+        return num_layers * block_size * per_token
+
+    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Flatten the step into input ids, positions and attention metadata."""
+        bs = self.block_size
+        entries = out.scheduled
+        input_ids: list[int] = []
+        starts: list[int] = []
+        q_lens: list[int] = []
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        for e in entries:
+            r = e.request
+            input_ids.extend(r.token_ids[e.start : e.start + e.num_new_tokens])
+            starts.append(e.start)
+            q_lens.append(e.num_new_tokens)
+            seq_lens.append(e.start + e.num_new_tokens)
+            tables.append(r.block_ids)
+        max_blocks = max(len(t) for t in tables)
+        table_t = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32)
+        q_lens_t = torch.tensor(q_lens)
+        cu = [0]
+        for n in q_lens:
+            cu.append(cu[-1] + n)
+        cu_t = torch.tensor(cu, dtype=torch.int32)
+        seq_idx = torch.repeat_interleave(torch.arange(len(entries)), q_lens_t)
+        # position of each token = its sequence's start + its index inside the chunk
+        positions = torch.arange(cu[-1]) - (cu_t[:-1].long() - torch.tensor(starts))[seq_idx]
+        blocks = table_t[seq_idx, positions // bs].long()
+        slot_mapping = blocks * bs + positions % bs
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=slot_mapping.to(dev, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            cu_seqlens_q=cu_t.to(dev, non_blocking=True),
+            block_tables=table_t.to(dev, non_blocking=True),
+            block_size=bs,
+            seq_lens_host=seq_lens,
+            cu_seqlens_q_host=cu,
+            num_decodes=out.num_decodes,
+            decode_groups=out.decode_groups,
+        )
+        ids_t = torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True)
+        return ids_t, positions.to(dev, non_blocking=True), meta
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        input_ids, positions, meta = self.prepare(out)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
+        cu = meta.cu_seqlens_q_host
+        rows = [i for i, e in enumerate(out.scheduled) if e.samples]
+        self._prompt_logprobs(out, hidden, cu)
+        if not rows:
+            return StepResult(SamplerOutput([], []), [])
+        last = torch.tensor([cu[i + 1] - 1 for i in rows], device=hidden.device)
+        logits = self.model.compute_logits(hidden[last])  # type: ignore[operator]
+        requests = [out.scheduled[i].request for i in rows]
+        sampled = self.sampler(logits, requests, self.eos_token_ids)
+        return StepResult(sampled, rows)
+
+    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor, cu: list[int]) -> None:
+        """Log-probability of each prompt token given the ones before it."""
+        for i, e in enumerate(out.scheduled):
+            r = e.request
+            k = r.params.prompt_logprobs
+            if k is None or r.prompt_logprobs_done:
+                continue
+            num_prompt = r.num_prompt_tokens
+            if e.start == 0:
+                r.prompt_logprobs = [None]
+            # Position p predicts prompt token p + 1.
+            end = min(e.start + e.num_new_tokens, num_prompt - 1)
+            if end > e.start:
+                h = hidden[cu[i] : cu[i] + (end - e.start)]
+                lp = torch.log_softmax(self.model.compute_logits(h), dim=-1)  # type: ignore[operator]
+                targets = r.prompt_token_ids[e.start + 1 : end + 1]
+                r.prompt_logprobs.extend(
+                    make_logprob(lp[j], t, k) for j, t in enumerate(targets)
+                )
+            if e.start + e.num_new_tokens >= num_prompt:
+                r.prompt_logprobs_done = True
+
+

@@ -1,0 +1,126 @@
+"""Turn the logits of the sampled rows into next tokens.
+
+Order of operations (as transformers applies them): repetition penalty, min-token
+suppression, temperature, top-k, top-p, then a draw. Greedy rows take the argmax
+(the first index on ties, like transformers). Draws use the exponential race
+(argmax of p / E with E ~ Exp(1)), whose noise comes from the request's own
+generator when it has a seed, so a seeded request draws the same tokens alone or
+in any batch. The only host sync is reading back the chosen token ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmprod.outputs import TokenLogprob
+from llmprod.request import Request
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+class Sampler:
+    """Samples one token per row.
+
+    Args:
+        seed: seed of the generator shared by requests without their own seed.
+        device: where the logits live.
+    """
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def __call__(
+        self,
+        logits: torch.Tensor,  # fp32 [num_rows, vocab_size]
+        requests: list[Request],
+        eos_token_ids: tuple[int, ...],
+    ) -> SamplerOutput:
+        raw = logits
+        logits = self._apply_penalties(logits, requests, eos_token_ids)
+        params = [r.params for r in requests]
+        if all(p.is_greedy for p in params):
+            chosen = logits.argmax(dim=-1)
+        else:
+            chosen = self._draw(logits, requests)
+        token_ids: list[int] = chosen.tolist()
+        logprobs: list[TokenLogprob | None] = [None] * len(requests)
+        if any(p.logprobs is not None for p in params):
+            lp = torch.log_softmax(raw, dim=-1)
+            for i, p in enumerate(params):
+                if p.logprobs is not None:
+                    logprobs[i] = make_logprob(lp[i], token_ids[i], p.logprobs)
+        return SamplerOutput(token_ids, logprobs)
+
+    def _apply_penalties(
+        self, logits: torch.Tensor, requests: list[Request], eos_token_ids: tuple[int, ...]
+    ) -> torch.Tensor:
+        cloned = False
+        for i, r in enumerate(requests):
+            p = r.params
+            if p.repetition_penalty != 1.0 and r.seen_token_ids:
+                if not cloned:
+                    logits, cloned = logits.clone(), True
+                ids = torch.tensor(sorted(r.seen_token_ids), device=logits.device)
+                row = logits[i, ids]
+                pen = p.repetition_penalty
+                logits[i, ids] = torch.where(row > 0, row / pen, row * pen)
+            if p.min_tokens and r.num_output_tokens < p.min_tokens:
+                if not cloned:
+                    logits, cloned = logits.clone(), True
+                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
+                if banned:
+                    logits[i, banned] = float("-inf")
+        return logits
+
+    def _draw(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        params = [r.params for r in requests]
+        temps = torch.tensor(
+            [p.temperature if not p.is_greedy else 1.0 for p in params],
+            device=logits.device,
+            dtype=logits.dtype,
+        )
+        scaled = logits / temps[:, None]
+        vocab = scaled.shape[-1]
+        if any(p.top_k is not None for p in params):
+            ks = torch.tensor(
+                [min(p.top_k or vocab, vocab) for p in params], device=logits.device
+            )
+            kth = scaled.sort(dim=-1, descending=True).values.gather(1, (ks - 1)[:, None])
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        probs = torch.softmax(scaled, dim=-1)
+        if any(p.top_p < 1.0 for p in params):
+            top_p = torch.tensor([p.top_p for p in params], device=logits.device)
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            # Drop a token when the mass before it already reaches top_p.
+            drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= top_p[:, None]
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(1, order, sorted_p)
+        noise = torch.empty_like(probs)
+        for i, r in enumerate(requests):
+            gen = self.generator
+            if r.params.seed is not None:
+                if r.generator is None:
+                    r.generator = torch.Generator(device=logits.device)
+                    r.generator.manual_seed(r.params.seed)
+                gen = r.generator
+            noise[i].exponential_(generator=gen)
+        drawn = (probs / noise).argmax(dim=-1)
+        greedy = torch.tensor([p.is_greedy for p in params], device=logits.device)
+        return torch.where(greedy, logits.argmax(dim=-1), drawn)
+
+
+def make_logprob(row_logprobs: torch.Tensor, token_id: int, num_top: int) -> TokenLogprob:
+    """The log-probability of ``token_id`` and the ``num_top`` best alternatives."""
+    top: dict[int, float] = {}
+    if num_top:
+        vals, idx = row_logprobs.topk(num_top)
+        top = dict(zip(idx.tolist(), vals.tolist()))
+    return TokenLogprob(token_id, float(row_logprobs[token_id]), top)

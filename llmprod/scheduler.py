@@ -1,0 +1,216 @@
+"""Continuous batching: which requests run in the next step, and how many tokens.
+
+CPU bookkeeping only (no torch). The engine calls :meth:`Scheduler.schedule`
+once per step and reads nothing but the :class:`SchedulerOutput` it returns.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from llmprod.config import SchedulerConfig
+from llmprod.kv.manager import KVCacheManager
+from llmprod.request import Request, RequestStatus
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    """One request's share of a step: tokens ``start .. start + num_new_tokens``."""
+
+    request: Request
+    start: int
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the last known token, so a token is sampled."""
+        return self.start + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """What runs in one step.
+
+    ``scheduled`` lists the single-token entries (decodes) first, sorted by
+    context length and cut into ``decode_groups`` of similar length, then the
+    multi-token entries (prefill chunks).
+    """
+
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    num_decodes: int = 0
+    decode_groups: list[tuple[int, int]] = field(default_factory=list)
+    num_batched_tokens: int = 0
+    preempted: list[Request] = field(default_factory=list)
+    finished: list[Request] = field(default_factory=list)
+    """Requests the scheduler ended itself (the pool cannot hold them)."""
+    padded_elements: int = 0
+    """Padding in the decode attention layout (keys), summed over groups."""
+    processed_elements: int = 0
+    """Keys processed by the decode attention layout, padding included."""
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+def group_by_length(lengths: list[int], max_ratio: float = 1.25) -> list[tuple[int, int]]:
+    """Cut sorted ``lengths`` into runs whose longest is at most ``max_ratio`` x
+    (shortest + 64), so padding each run to its longest wastes little.
+
+    >>> group_by_length([10, 20, 30, 500, 600])
+    [(0, 3), (3, 5)]
+    """
+    groups: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(lengths) + 1):
+        if i == len(lengths) or lengths[i] > max_ratio * (lengths[start] + 64):
+            groups.append((start, i))
+            start = i
+    return groups
+
+
+class Scheduler:
+    """Decodes first, then prefills (chunked to the token budget); preempts the
+    newest request by recompute when KV blocks run out.
+
+    The padding objective: the only padded layout is the batched decode attention
+    (keys padded to the longest context in a group). Decodes are sorted by
+    context length and cut into groups of similar length, which bounds the waste;
+    every running request decodes every step, so grouping never starves one.
+    Prefills are admitted in arrival order (preempted requests first), so none
+    waits behind later arrivals.
+    """
+
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    # --- queue -------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, request: Request) -> bool:
+        """Remove a request wherever it is and free its blocks. False if unknown."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        else:
+            return False
+        self._finish(request, "abort")
+        return True
+
+    def finish(self, request: Request, reason: str) -> None:
+        """End a running request (stop, length, error) and free its blocks."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self._finish(request, reason)
+
+    def _finish(self, request: Request, reason: str) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+
+    # --- the step ----------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        """Choose the next step's batch within the token budget and ``max_num_seqs``."""
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        chosen: dict[Request, ScheduledRequest] = {}
+
+        # Phase 1 - running requests, oldest first: decodes (one token each), then
+        # prefill chunks. Out of blocks: preempt the newest running request.
+        order = [r for r in self.running if not r.is_prefilling]
+        order += [r for r in self.running if r.is_prefilling]
+        for req in order:
+            if req.status is not RequestStatus.RUNNING or budget == 0:
+                continue
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(req, n):
+                victim = self.running[-1]
+                if victim is req and len(self.running) == 1:
+                    # Alone and still too big for the pool: it can grow no further.
+                    self.running.remove(req)
+                    self._finish(req, "length")
+                    out.finished.append(req)
+                    break
+                entry = chosen.pop(victim, None)
+                if entry is not None:
+                    budget += entry.num_new_tokens
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is RequestStatus.RUNNING:
+                chosen[req] = ScheduledRequest(req, req.num_computed_tokens, n)
+                budget -= n
+
+        # Phase 2 - admit waiting requests while budget, seats and blocks last
+        # (not in a step that had to preempt: the pool is full).
+        now = time.monotonic()
+        while (
+            self.waiting
+            and budget > 0
+            and len(self.running) < self.max_num_seqs
+            and not out.preempted
+        ):
+            req = self.waiting[0]
+            first_time = req.first_scheduled_time is None
+            cached = self.kv.find_cached_prefix(req) if req.num_computed_tokens == 0 else []
+            remaining = req.num_tokens - req.num_computed_tokens - len(cached) * self.kv.block_size
+            n = min(remaining, budget)
+            if not self.kv.allocate_slots(req, n, cached):
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            if first_time:
+                req.first_scheduled_time = now
+                req.num_cached_tokens = len(cached) * self.kv.block_size
+            chosen[req] = ScheduledRequest(req, req.num_computed_tokens, n)
+            budget -= n
+
+        self._lay_out(out, list(chosen.values()))
+        return out
+
+    def _lay_out(self, out: SchedulerOutput, entries: list[ScheduledRequest]) -> None:
+        decodes = sorted(
+            (e for e in entries if e.num_new_tokens == 1), key=lambda e: e.start
+        )
+        prefills = [e for e in entries if e.num_new_tokens > 1]
+        out.scheduled = decodes + prefills
+        out.num_decodes = len(decodes)
+        out.num_batched_tokens = sum(e.num_new_tokens for e in entries)
+        lengths = [e.start + 1 for e in decodes]
+        out.decode_groups = group_by_length(lengths)
+        for lo, hi in out.decode_groups:
+            longest = lengths[hi - 1]
+            out.processed_elements += longest * (hi - lo)
+            out.padded_elements += longest * (hi - lo) - sum(lengths[lo:hi])
+
+    def update(self, out: SchedulerOutput) -> None:
+        """Record that the step ran: advance computed counts, register full blocks."""
+        for e in out.scheduled:
+            req = e.request
+            req.num_computed_tokens = e.start + e.num_new_tokens
+            self.kv.cache_full_blocks(req)
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
