@@ -52,8 +52,9 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         num_layers = len(model.model.layers)  # type: ignore[union-attr,arg-type]
         shape = (2, num_blocks, block_size, model.num_kv_heads, model.head_dim)  # type: ignore[union-attr]
-        # torch.empty: pages are touched only as blocks are written.
-        self.kv_caches = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Zeroed, not empty: padded decode attention reads slots that were never
+        # written, masked to weight 0, and 0 * NaN garbage would still be NaN.
+        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.sampler = Sampler(seed, device)
 
     @staticmethod

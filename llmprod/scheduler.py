@@ -22,11 +22,11 @@ class ScheduledRequest:
     request: Request
     start: int
     num_new_tokens: int
+    samples: bool = False
+    """True when this step reaches the last known token, so a token is sampled."""
 
-    @property
-    def samples(self) -> bool:
-        """True when this step reaches the last known token, so a token is sampled."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
+    def __post_init__(self) -> None:
+        self.samples = self.start + self.num_new_tokens == self.request.num_tokens
 
 
 @dataclass(slots=True)

@@ -1,0 +1,41 @@
+"""Weight quantization: int8 linear layers for the Engine (see int8.py)."""
+
+from llmprod.quant.int8 import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    Int8UnavailableError,
+    QuantizedCheckpointError,
+    WeightOnlyInt8Linear,
+    convert_for_runtime,
+    create_quantized_state_dict,
+    dequantize_per_channel,
+    int8_linear_ref,
+    is_int8pack_available,
+    linear_weight_bytes,
+    load_quantized,
+    quantize_model,
+    quantize_per_channel,
+    read_quantized_metadata,
+    resolve_method,
+    save_quantized,
+)
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "Int8UnavailableError",
+    "QuantizedCheckpointError",
+    "WeightOnlyInt8Linear",
+    "convert_for_runtime",
+    "create_quantized_state_dict",
+    "dequantize_per_channel",
+    "int8_linear_ref",
+    "is_int8pack_available",
+    "linear_weight_bytes",
+    "load_quantized",
+    "quantize_model",
+    "quantize_per_channel",
+    "read_quantized_metadata",
+    "resolve_method",
+    "save_quantized",
+]

@@ -1,0 +1,84 @@
+"""BlockPool and KVCacheManager: exact block ids, free-list order, prefix hits."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmprod.kv import BlockPool, KVCacheManager, hash_block
+from llmprod.request import Request
+from llmprod.sampling_params import SamplingParams
+
+
+def make_request(tokens: list[int], rid: str = "r", **params: object) -> Request:
+    return Request(rid, list(tokens), SamplingParams(**params))  # type: ignore[arg-type]
+
+
+def test_allocate_hands_out_lowest_ids_first_and_free_appends_to_tail() -> None:
+    pool = BlockPool(4)
+    assert pool.allocate(2) == [0, 1]
+    pool.free([1, 0])  # freed tail first
+    # never-used blocks 2, 3 come before the freed ones, then 1 before 0
+    assert pool.allocate(4) == [2, 3, 1, 0]
+    assert pool.num_free_blocks == 0
+    with pytest.raises(RuntimeError):
+        pool.allocate(1)
+
+
+def test_double_free_is_an_error() -> None:
+    pool = BlockPool(2)
+    (b,) = pool.allocate(1)
+    pool.free([b])
+    with pytest.raises(RuntimeError, match="double free"):
+        pool.free([b])
+
+
+def test_cached_block_survives_free_until_evicted() -> None:
+    pool = BlockPool(2)
+    (b,) = pool.allocate(1)
+    h = hash_block(None, [1, 2, 3, 4])
+    pool.cache_block(b, h)
+    pool.free([b])
+    assert pool.lookup(h) == b and pool.num_free_blocks == 2
+    pool.touch([b])  # a prefix hit takes it back out of the free queue
+    assert pool.num_free_blocks == 1 and pool.ref_counts[b] == 1
+    pool.free([b])
+    pool.allocate(2)  # needs every block: the cached one is evicted
+    assert pool.lookup(h) is None and pool.num_evictions == 1
+
+
+def test_manager_prefix_hit_shares_blocks_and_leaves_one_token() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    a = make_request(list(range(10)), "a")  # 2 full blocks + 2 tokens
+    assert kv.allocate_slots(a, 10)
+    assert a.block_ids == [0, 1, 2]
+    a.num_computed_tokens = 10
+    kv.cache_full_blocks(a)
+    assert kv.pool.num_cached_blocks == 2
+    b = make_request(list(range(8)), "b")  # exactly 2 full blocks
+    hit = kv.find_cached_prefix(b)
+    # At most (8 - 1) // 4 = 1 block: the last token must be computed.
+    assert hit == [0]
+    assert kv.allocate_slots(b, 4, hit)
+    assert b.block_ids == [0, 3] and b.num_computed_tokens == 4
+    assert kv.pool.ref_counts[0] == 2
+    kv.free(a)
+    kv.free(b)
+    assert kv.pool.is_whole()
+
+
+def test_manager_refuses_without_changing_anything() -> None:
+    kv = KVCacheManager(num_blocks=2, block_size=4, enable_prefix_caching=False)
+    r = make_request(list(range(12)))
+    assert not kv.allocate_slots(r, 12)  # needs 3 blocks
+    assert r.block_ids == [] and kv.pool.num_free_blocks == 2
+
+
+def test_prompt_logprobs_requests_skip_the_prefix_cache() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    a = make_request(list(range(9)))
+    kv.allocate_slots(a, 9)
+    a.num_computed_tokens = 9
+    kv.cache_full_blocks(a)
+    b = make_request(list(range(9)), prompt_logprobs=1)
+    assert kv.find_cached_prefix(b) == []
+    kv.free(a)

@@ -1,0 +1,79 @@
+"""The correctness anchor: greedy output equals transformers'
+generate(do_sample=False) token for token, whatever else is in the batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from llmprod import Engine, SamplingParams
+from tests.conftest import first_divergence, hf_greedy
+from tests.prompts import CHAT_PROMPTS, TEXT_PROMPTS, TOKEN_PROMPTS
+
+MAX_NEW = 24
+TIE_GAP = 1e-3  # top-2 logit gap under which the reference itself is a coin flip
+
+
+@pytest.fixture(scope="session")
+def prompt_ids(engine: Engine) -> list[list[int]]:
+    ids = [engine.tokenizer.encode(p) for p in TEXT_PROMPTS]
+    ids += [engine.render_chat(m) for m in CHAT_PROMPTS]
+    ids += [list(t) for t in TOKEN_PROMPTS]
+    return ids
+
+
+@pytest.fixture(scope="session")
+def references(hf_model: Any, prompt_ids: list[list[int]]) -> list[tuple[list[int], list[Any]]]:
+    # Vary the lengths so some end on EOS and others run to the limit.
+    return [hf_greedy(hf_model, ids, MAX_NEW) for ids in prompt_ids]
+
+
+def check_against_reference(outs: list[Any], references: list[Any]) -> None:
+    ties = []
+    for i, (out, (ref, scores)) in enumerate(zip(outs, references)):
+        d = first_divergence(out.token_ids, ref, scores)
+        if d is not None:
+            pos, gap = d
+            assert gap < TIE_GAP, (
+                f"prompt {i}: token {pos} differs ({out.token_ids[pos:pos + 3]} vs "
+                f"{ref[pos:pos + 3]}) and the reference top-2 gap {gap:.2e} is no tie"
+            )
+            ties.append(i)
+    assert len(ties) <= 1, f"more than one numerical tie: prompts {ties}"
+
+
+def test_prompts_cover_the_promised_range(prompt_ids: list[list[int]]) -> None:
+    lengths = sorted(len(p) for p in prompt_ids)
+    assert len(prompt_ids) >= 24
+    assert lengths[0] == 1 and 900 <= lengths[-1] <= 1100, lengths
+
+
+@pytest.mark.slow
+def test_batched_greedy_equals_transformers(
+    engine: Engine, prompt_ids: list[list[int]], references: list[Any]
+) -> None:
+    outs = engine.generate(prompt_ids, SamplingParams(max_tokens=MAX_NEW, temperature=0))
+    check_against_reference(outs, references)
+    assert engine.metrics().scheduler["steps"] > 0
+
+
+@pytest.mark.slow
+def test_greedy_equal_under_preemption(
+    make_engine: Any, prompt_ids: list[list[int]], references: list[Any]
+) -> None:
+    # 80 blocks x 16 = 1280 token slots for ~3,600 prompt tokens: requests must
+    # be preempted and recomputed, and still give the same tokens.
+    small = make_engine(num_kv_blocks=80, max_num_batched_tokens=512, dtype="float32")
+    outs = small.generate(prompt_ids, SamplingParams(max_tokens=MAX_NEW, temperature=0))
+    check_against_reference(outs, references)
+    assert small.metrics().scheduler["preemptions"] > 0
+
+
+def test_single_greedy_request_equals_transformers(
+    engine: Engine, hf_model: Any
+) -> None:
+    ids = engine.tokenizer.encode("The capital of France is")
+    ref, scores = hf_greedy(hf_model, ids, 16)
+    out = engine.generate(ids, SamplingParams(max_tokens=16, temperature=0))[0]
+    assert first_divergence(out.token_ids, ref, scores) is None
