@@ -8,9 +8,21 @@ from typing import Any
 
 from llmprod.errors import InvalidConfigError
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2,
-          "g": 1000**3, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3,
-          "tib": 1024**4, "tb": 1000**4}  # fmt: skip
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+    "tb": 1000**4,
+}
 
 
 def parse_bytes(value: int | str, field_name: str = "kv_cache_memory") -> int:
@@ -54,7 +66,9 @@ class CacheConfig:
                 f"{self.block_size=} must be a power of two >= 1", "block_size"
             )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
-            raise InvalidConfigError(f"{self.num_kv_blocks=} must be >= 2", "num_kv_blocks")
+            raise InvalidConfigError(
+                f"{self.num_kv_blocks=} must be >= 2", "num_kv_blocks"
+            )
         if self.kv_cache_memory is not None:
             parse_bytes(self.kv_cache_memory)
 
@@ -70,7 +84,9 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
-            raise InvalidConfigError(f"{self.max_num_seqs=} must be >= 1", "max_num_seqs")
+            raise InvalidConfigError(
+                f"{self.max_num_seqs=} must be >= 1", "max_num_seqs"
+            )
         if self.max_num_batched_tokens < 1:
             raise InvalidConfigError(
                 f"{self.max_num_batched_tokens=} must be >= 1", "max_num_batched_tokens"
@@ -127,7 +143,9 @@ class EngineConfig:
                 f"{self.quantization=} must be one of {_QUANT}", "quantization"
             )
         if self.max_model_len is not None and self.max_model_len < 2:
-            raise InvalidConfigError(f"{self.max_model_len=} must be >= 2", "max_model_len")
+            raise InvalidConfigError(
+                f"{self.max_model_len=} must be >= 2", "max_model_len"
+            )
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise InvalidConfigError(
                 f"{self.device=} must be 'auto', 'cpu' or 'cuda[:N]'", "device"
@@ -153,12 +171,16 @@ class EngineConfig:
             elif key in own:
                 top[key] = value
             else:
-                known = sorted((own | cache_names | sched_names) - {"cache_config",
-                               "scheduler_config"})  # fmt: skip
+                known = sorted(
+                    (own | cache_names | sched_names)
+                    - {"cache_config", "scheduler_config"}
+                )
                 raise InvalidConfigError(
                     f"unknown engine option {key!r}; accepted: {', '.join(known)}", key
                 )
-        top["cache_config"] = replace(top.get("cache_config", CacheConfig()), **cache_kw)
+        top["cache_config"] = replace(
+            top.get("cache_config", CacheConfig()), **cache_kw
+        )
         top["scheduler_config"] = replace(
             top.get("scheduler_config", SchedulerConfig()), **sched_kw
         )

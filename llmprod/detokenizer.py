@@ -68,8 +68,10 @@ class IncrementalDetokenizer:
 
     def take_delta(self, final: bool) -> str:
         """Text not yet emitted; while not final, hold back a possible stop prefix."""
-        end = len(self.text) if final or self.stop_reason else max(
-            self.num_emitted, len(self.text) - self.hold
+        end = (
+            len(self.text)
+            if final or self.stop_reason
+            else max(self.num_emitted, len(self.text) - self.hold)
         )
         piece = self.text[self.num_emitted : end]
         self.num_emitted = end

@@ -8,6 +8,8 @@ request's own sink. ``step()`` is schedule -> run -> process, one call each.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import gc
 import itertools
 import logging
@@ -22,8 +24,9 @@ from typing import Any
 
 import torch
 
+from llmprod import inputs
 from llmprod.attention import get_attention_backend
-from llmprod.config import EngineConfig, parse_bytes
+from llmprod.config import EngineConfig
 from llmprod.detokenizer import IncrementalDetokenizer
 from llmprod.errors import (
     EngineClosedError,
@@ -31,9 +34,22 @@ from llmprod.errors import (
     InvalidRequestError,
     RequestFailedError,
 )
+from llmprod.inputs import Message, Prompt
 from llmprod.kv.manager import KVCacheManager
-from llmprod.metrics import MetricsRecorder, MetricsSnapshot, peak_rss_bytes, process_rss_bytes
-from llmprod.models.loader import build_model, load_config, sliding_window
+from llmprod.metrics import (
+    MetricsRecorder,
+    MetricsSnapshot,
+    peak_rss_bytes,
+    process_rss_bytes,
+)
+from llmprod.models.loader import (
+    build_model,
+    eos_token_ids,
+    load_config,
+    max_model_len,
+    pick_device,
+    pick_dtype,
+)
 from llmprod.models.registry import resolve_model
 from llmprod.outputs import Completion, Delta, Timings, Usage
 from llmprod.request import Request
@@ -42,11 +58,6 @@ from llmprod.sampling_params import SamplingParams
 from llmprod.scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger("llmprod")
-
-Prompt = str | Sequence[int]
-Message = dict[str, Any]
-_ROLES = ("system", "user", "assistant", "tool", "developer")
-_DONE = object()
 
 
 @dataclass(slots=True, eq=False)
@@ -87,19 +98,27 @@ class Engine:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = int(hf_config.vocab_size)
-        self.max_model_len = _max_model_len(hf_config, config)
-        self.eos_token_ids = _eos_ids(hf_config, tokenizer)
+        self.max_model_len = max_model_len(hf_config, config.max_model_len)
+        self.eos_token_ids = eos_token_ids(hf_config, tokenizer)
         cc = config.cache_config
         self.block_size = cc.block_size
-        self.num_blocks = _num_blocks(model, config, self.dtype)
+        self.num_blocks = ModelRunner.num_blocks_for(model, cc, self.dtype)
         self.backend = get_attention_backend(config.attention_backend, self.device)
         self.quantization: str | None = None
-        self.kv = KVCacheManager(self.num_blocks, self.block_size, cc.enable_prefix_caching)
+        self.kv = KVCacheManager(
+            self.num_blocks, self.block_size, cc.enable_prefix_caching
+        )
         self.scheduler = Scheduler(config.scheduler_config, self.kv)
         self.runner = ModelRunner(
-            model, self.num_blocks, self.block_size, self.device, self.dtype,
-            self.backend, config.seed, self.eos_token_ids,
-        )  # fmt: skip
+            model,
+            self.num_blocks,
+            self.block_size,
+            self.device,
+            self.dtype,
+            self.backend,
+            config.seed,
+            self.eos_token_ids,
+        )
         self._metrics = MetricsRecorder()
         self._handles: dict[str, _Handle] = {}
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -108,17 +127,25 @@ class Engine:
         self._close_lock = threading.Lock()
         self._ids = itertools.count()
         self._id_prefix = uuid.uuid4().hex[:8]
-        self._thread = threading.Thread(target=self._loop, name="llmprod-engine", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop, name="llmprod-engine", daemon=True
+        )
         self._thread.start()
         logger.info(
             "engine ready: %s on %s/%s, %d KV blocks x %d tokens, attention=%s",
-            model_name, self.device, self.dtype, self.num_blocks, self.block_size,
+            model_name,
+            self.device,
+            self.dtype,
+            self.num_blocks,
+            self.block_size,
             self.backend.name,
-        )  # fmt: skip
+        )
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def from_pretrained(cls, model: str | Path = "smollm2-135m", **kwargs: Any) -> Engine:
+    def from_pretrained(
+        cls, model: str | Path = "smollm2-135m", **kwargs: Any
+    ) -> Engine:
         """Load a registered model name, a transformers folder or a ``.gguf`` file.
 
         Args:
@@ -137,8 +164,8 @@ class Engine:
         config = EngineConfig.from_kwargs(**kwargs)
         path = resolve_model(model)
         hf_config = load_config(path)
-        device = _pick_device(config.device)
-        dtype = _pick_dtype(config.dtype, device)
+        device = pick_device(config.device)
+        dtype = pick_dtype(config.dtype, device)
         if config.num_threads is not None and device.type == "cpu":
             torch.set_num_threads(config.num_threads)
         nn_model = build_model(hf_config, path, dtype, device)
@@ -172,26 +199,16 @@ class Engine:
                 anything runs, and a request failing in the model raises after
                 the others have finished.
         """
-        batch = _as_prompt_list(prompts)
-        plist = self._params_list(params, len(batch))
-        results: list[Any] = [None] * len(batch)
+        prepared = self._prepare(prompts, params, tenant, return_exceptions)
+        results: list[Any] = [None] * len(prepared)
         done: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
-        prepared: list[tuple[int, Request | BaseException]] = []
-        for i, (p, sp) in enumerate(zip(batch, plist)):
-            try:
-                prepared.append((i, self._make_request(p, sp, tenant)))
-            except InvalidRequestError as exc:
-                if not return_exceptions:
-                    if len(batch) > 1:
-                        raise type(exc)(f"prompts[{i}]: {exc}", exc.field) from exc
-                    raise
-                prepared.append((i, exc))
         handles = []
-        for i, req in prepared:
+        for i, req in enumerate(prepared):
             if isinstance(req, BaseException):
                 results[i] = req
                 continue
-            handles.append(self._submit(req, lambda item, i=i: done.put((i, item)), False))
+            sink = functools.partial(_put_indexed, done, i)
+            handles.append(self._submit(req, sink, False))
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -227,7 +244,7 @@ class Engine:
         Messages are ``{"role": ..., "content": ...}`` dicts, rendered with the
         model's chat template.
         """
-        single = _is_conversation(messages)
+        single = inputs.is_conversation(messages)
         convs = [messages] if single else list(messages)
         if not convs:
             raise InvalidRequestError("messages is empty", "messages")
@@ -245,7 +262,9 @@ class Engine:
         """Yield :class:`Delta` pieces as they are produced; the last one carries
         ``finish_reason`` and the full ``completion``. Stopping the iteration
         early aborts the request."""
-        req = self._make_request(self._prompt_of(prompt), params or SamplingParams(), tenant)
+        req = self._make_request(
+            self._prompt_of(prompt), params or SamplingParams(), tenant
+        )
         q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         h = self._submit(req, q.put, True)
         return self._iter_stream(h, q)
@@ -275,19 +294,10 @@ class Engine:
 
         Cancelling the awaiting task aborts its requests.
         """
-        batch = _as_prompt_list(prompts)
-        plist = self._params_list(params, len(batch))
+        reqs = self._prepare(prompts, params, tenant, return_exceptions)
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[Any]] = []
         handles = []
-        reqs = []
-        for i, (p, sp) in enumerate(zip(batch, plist)):
-            try:
-                reqs.append(self._make_request(p, sp, tenant))
-            except InvalidRequestError as exc:
-                if not return_exceptions:
-                    raise
-                reqs.append(exc)  # type: ignore[arg-type]
         for req in reqs:
             fut: asyncio.Future[Any] = loop.create_future()
             futures.append(fut)
@@ -316,15 +326,16 @@ class Engine:
     ) -> AsyncIterator[Delta]:
         """Async :meth:`stream`. Closing the iterator or cancelling the consuming
         task aborts the request."""
-        req = self._make_request(self._prompt_of(prompt), params or SamplingParams(), tenant)
+        req = self._make_request(
+            self._prompt_of(prompt), params or SamplingParams(), tenant
+        )
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[Any] = asyncio.Queue()
 
         def sink(item: Any) -> None:
-            try:
+            # A closed loop has nobody listening any more.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(q.put_nowait, item)
-            except RuntimeError:  # the loop is closed: nobody is listening
-                pass
 
         h = self._submit(req, sink, True)
         try:
@@ -355,14 +366,25 @@ class Engine:
         with m._lock:
             counts = dict(m.counts)
             tokens = dict(m.tokens)
-            steps, padded, processed, peak_kv = m.steps, m.padded, m.processed, m.peak_kv_usage
+            steps, padded, processed, peak_kv = (
+                m.steps,
+                m.padded,
+                m.processed,
+                m.peak_kv_usage,
+            )
         pool = self.kv.pool
         kv = self.kv
-        hit_rate = kv.num_prefix_hit_tokens / kv.num_prefix_query_tokens if kv.num_prefix_query_tokens else 0.0
+        hit_rate = (
+            kv.num_prefix_hit_tokens / kv.num_prefix_query_tokens
+            if kv.num_prefix_query_tokens
+            else 0.0
+        )
         running = sum(1 for h in list(self._handles.values()) if not h.done)
         if self.device.type == "cuda":
-            mem = {"now_bytes": int(torch.cuda.memory_allocated(self.device)),
-                   "peak_bytes": int(torch.cuda.max_memory_allocated(self.device))}  # fmt: skip
+            mem = {
+                "now_bytes": int(torch.cuda.memory_allocated(self.device)),
+                "peak_bytes": int(torch.cuda.max_memory_allocated(self.device)),
+            }
         else:
             mem = {"now_bytes": process_rss_bytes(), "peak_bytes": peak_rss_bytes()}
         return MetricsSnapshot(
@@ -371,7 +393,8 @@ class Engine:
             latency_s=m.latency(),
             throughput={
                 "generated_tokens_per_s": tokens["completion"] / elapsed,
-                "total_tokens_per_s": (tokens["completion"] + tokens["prompt"]) / elapsed,
+                "total_tokens_per_s": (tokens["completion"] + tokens["prompt"])
+                / elapsed,
             },
             kv_cache={
                 "num_blocks": self.num_blocks,
@@ -431,10 +454,11 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def render_chat(self, messages: Sequence[Message]) -> list[int]:
         """Token ids of a conversation rendered with the chat template."""
-        _check_messages(messages)
+        inputs.check_messages(messages)
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError(
-                f"model {self.model_name!r} has no chat template; use generate()", "messages"
+                f"model {self.model_name!r} has no chat template; use generate()",
+                "messages",
             )
         text = self.tokenizer.apply_chat_template(
             list(messages), add_generation_prompt=True, tokenize=False
@@ -446,74 +470,46 @@ class Engine:
             return self.render_chat(prompt)  # type: ignore[arg-type]
         return prompt  # type: ignore[return-value]
 
-    def _params_list(
-        self, params: SamplingParams | Sequence[SamplingParams] | None, n: int
-    ) -> list[SamplingParams]:
-        if params is None:
-            return [SamplingParams()] * n
-        if isinstance(params, SamplingParams):
-            return [params] * n
-        plist = list(params)
-        if len(plist) != n:
-            raise InvalidRequestError(
-                f"params has {len(plist)} entries for {n} prompts; pass one or one per "
-                "prompt",
-                "params",
-            )
-        return plist
+    def _prepare(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None,
+        tenant: str,
+        return_exceptions: bool,
+    ) -> list[Request | InvalidRequestError]:
+        """Validate a batch in the caller's thread: bad input raises here, naming
+        its index, unless ``return_exceptions`` keeps the error in its place."""
+        batch = inputs.as_prompt_list(prompts)
+        plist = inputs.params_list(params, len(batch))
+        out: list[Request | InvalidRequestError] = []
+        for i, (p, sp) in enumerate(zip(batch, plist)):
+            try:
+                out.append(self._make_request(p, sp, tenant))
+            except InvalidRequestError as exc:
+                if return_exceptions:
+                    out.append(exc)
+                elif len(batch) > 1:
+                    raise type(exc)(f"prompts[{i}]: {exc}", exc.field) from exc
+                else:
+                    raise
+        return out
 
-    def _make_request(self, prompt: Prompt, params: SamplingParams, tenant: str) -> Request:
-        """Validate and tokenize in the caller's thread (errors raise here)."""
+    def _make_request(
+        self, prompt: Prompt, params: SamplingParams, tenant: str
+    ) -> Request:
+        """Validate and tokenize one prompt (errors raise in the caller's thread)."""
         if self._closed:
             raise EngineClosedError("the engine is closed")
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError(
-                f"params must be SamplingParams, got {type(params).__name__}", "params"
-            )
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt is empty", "prompt")
-            ids = list(self.tokenizer.encode(prompt))
-            if not ids:
-                raise InvalidRequestError("prompt is empty after tokenization", "prompt")
-        else:
-            ids = list(prompt)
-            if not ids:
-                raise InvalidRequestError("prompt is empty (no token ids)", "prompt")
-            for j, t in enumerate(ids):
-                if not isinstance(t, int) or isinstance(t, bool):
-                    raise InvalidRequestError(
-                        f"prompt token {j} is {t!r}, not an int", "prompt"
-                    )
-                if not 0 <= t < self.vocab_size:
-                    raise InvalidRequestError(
-                        f"prompt token {j} = {t} is out of vocabulary (valid ids are "
-                        f"0..{self.vocab_size - 1})",
-                        "prompt",
-                    )
-        n = len(ids)
-        if n > self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt has {n} tokens, more than max_model_len={self.max_model_len}",
-                "prompt",
-            )
-        if n + params.max_tokens > self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = "
-                f"{n + params.max_tokens} exceeds max_model_len={self.max_model_len}",
-                "max_tokens",
-            )
-        if self.kv.blocks_needed(n) > self.num_blocks:
-            raise InvalidRequestError(
-                f"prompt has {n} tokens and can never fit the KV cache of "
-                f"{self.num_blocks} blocks x {self.block_size} = "
-                f"{self.num_blocks * self.block_size} tokens",
-                "prompt",
-            )
+        ids = inputs.prompt_token_ids(prompt, self.tokenizer, self.vocab_size)
+        inputs.check_lengths(
+            len(ids), params, self.max_model_len, self.num_blocks, self.block_size
+        )
         rid = f"req-{self._id_prefix}-{next(self._ids)}"
         return Request(rid, ids, params, tenant=tenant)
 
-    def _submit(self, req: Request, sink: Callable[[Any], None], streaming: bool) -> _Handle:
+    def _submit(
+        self, req: Request, sink: Callable[[Any], None], streaming: bool
+    ) -> _Handle:
         p = req.params
         detok = IncrementalDetokenizer(
             self.tokenizer, p.stop, p.include_stop_str_in_output, p.skip_special_tokens
@@ -539,7 +535,7 @@ class Engine:
                 continue
             try:
                 self.step()
-            except Exception:  # noqa: BLE001 - a bug must not kill the loop silently
+            except Exception:
                 logger.exception("engine step failed outside the model")
                 for h in list(self._handles.values()):
                     self._fail(h, RequestFailedError("engine step failed; see the log"))
@@ -585,12 +581,14 @@ class Engine:
             return
         try:
             result = self.runner.execute(out)
-        except Exception as exc:  # noqa: BLE001 - fail this step's requests only
+        except Exception as exc:
             self._fail_step(out, exc)
             return
         self.scheduler.update(out)
         self._process(out, result)
-        self._metrics.on_step(out.padded_elements, out.processed_elements, self.kv.pool.usage())
+        self._metrics.on_step(
+            out.padded_elements, out.processed_elements, self.kv.pool.usage()
+        )
 
     def _process(self, out: SchedulerOutput, result: StepResult) -> None:
         now = time.monotonic()
@@ -630,8 +628,11 @@ class Engine:
         return None
 
     def _fail_step(self, out: SchedulerOutput, exc: Exception) -> None:
-        logger.error("model forward failed; failing the %d requests of this step: %r",
-                     len(out.scheduled), exc)  # fmt: skip
+        logger.error(
+            "model forward failed; failing the %d requests of this step: %r",
+            len(out.scheduled),
+            exc,
+        )
         for e in out.scheduled:
             h = self._handles.get(e.request.request_id)
             self.scheduler.finish(e.request, "error")
@@ -650,11 +651,18 @@ class Engine:
         h.done = True
         self._handles.pop(h.request.request_id, None)
         req = h.request
-        self._metrics.on_finish("errored", req.num_prompt_tokens, req.num_output_tokens,
-                                req.num_cached_tokens, {})  # fmt: skip
+        self._metrics.on_finish(
+            "errored",
+            req.num_prompt_tokens,
+            req.num_output_tokens,
+            req.num_cached_tokens,
+            {},
+        )
         h.sink(err)
 
-    def _finalize(self, h: _Handle, reason: str, last_token_ids: list[int] | None = None) -> None:
+    def _finalize(
+        self, h: _Handle, reason: str, last_token_ids: list[int] | None = None
+    ) -> None:
         """Build the Completion, record metrics, deliver the last item.
 
         ``last_token_ids``: tokens of this step not yet streamed (they ride on the
@@ -670,12 +678,15 @@ class Engine:
         t0 = h.submit_time
         n_out = req.num_output_tokens
         timings = Timings(
-            queued_s=None if req.first_scheduled_time is None else req.first_scheduled_time - t0,
+            queued_s=None
+            if req.first_scheduled_time is None
+            else req.first_scheduled_time - t0,
             ttft_s=None if req.first_token_time is None else req.first_token_time - t0,
             e2e_s=req.finish_time - t0,
             tpot_s=(req.finish_time - req.first_token_time) / (n_out - 1)
-            if req.first_token_time is not None and n_out > 1 else None,
-        )  # fmt: skip
+            if req.first_token_time is not None and n_out > 1
+            else None,
+        )
         comp = Completion(
             request_id=req.request_id,
             text=h.detok.text,
@@ -686,14 +697,23 @@ class Engine:
             usage=Usage(req.num_prompt_tokens, n_out, req.num_cached_tokens),
             timings=timings,
             logprobs=req.logprobs if req.params.logprobs is not None else None,
-            prompt_logprobs=req.prompt_logprobs if req.params.prompt_logprobs is not None else None,
-        )  # fmt: skip
+            prompt_logprobs=req.prompt_logprobs
+            if req.params.prompt_logprobs is not None
+            else None,
+        )
         outcome = "aborted" if reason == "abort" else "completed"
         self._metrics.on_finish(
-            outcome, req.num_prompt_tokens, n_out, req.num_cached_tokens,
-            {"queued": timings.queued_s, "ttft": timings.ttft_s, "tpot": timings.tpot_s,
-             "e2e": timings.e2e_s},
-        )  # fmt: skip
+            outcome,
+            req.num_prompt_tokens,
+            n_out,
+            req.num_cached_tokens,
+            {
+                "queued": timings.queued_s,
+                "ttft": timings.ttft_s,
+                "tpot": timings.tpot_s,
+                "e2e": timings.e2e_s,
+            },
+        )
         if h.streaming:
             text = h.detok.take_delta(final=True)
             h.sink(Delta(req.request_id, text, last_token_ids or [], reason, comp))
@@ -702,129 +722,30 @@ class Engine:
 
 
 # ---------------------------------------------------------------------- helpers
-def _future_setter(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any]) -> Callable[[Any], None]:
+def _put_indexed(q: queue.SimpleQueue[tuple[int, Any]], i: int, item: Any) -> None:
+    q.put((i, item))
+
+
+def _future_setter(
+    loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any]
+) -> Callable[[Any], None]:
     def set_(item: Any) -> None:
         def apply() -> None:
             if not fut.done():
                 fut.set_result(item)
 
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is closed
             loop.call_soon_threadsafe(apply)
-        except RuntimeError:  # loop closed
-            pass
 
     return set_
-
-
-def _as_prompt_list(prompts: Any) -> list[Prompt]:
-    if isinstance(prompts, str):
-        return [prompts]
-    if isinstance(prompts, (list, tuple)):
-        if not prompts:
-            raise InvalidRequestError("prompts is empty", "prompt")
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
-            return [list(prompts)]
-        return list(prompts)
-    raise InvalidRequestError(
-        f"prompt must be a str, a list of token ids, or a list of those; got "
-        f"{type(prompts).__name__}",
-        "prompt",
-    )
-
-
-def _is_conversation(messages: Any) -> bool:
-    if not isinstance(messages, (list, tuple)):
-        raise InvalidRequestError(
-            f"messages must be a list of dicts, got {type(messages).__name__}", "messages"
-        )
-    return not messages or isinstance(messages[0], dict)
-
-
-def _check_messages(messages: Sequence[Message]) -> None:
-    if not messages:
-        raise InvalidRequestError("messages is empty", "messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise InvalidRequestError(f"messages[{i}] is not a dict", "messages")
-        if "role" not in m:
-            raise InvalidRequestError(f"messages[{i}] has no 'role'", "messages")
-        if m["role"] not in _ROLES:
-            raise InvalidRequestError(
-                f"messages[{i}]['role']={m['role']!r} is not one of {_ROLES}", "messages"
-            )
-        if "content" not in m:
-            raise InvalidRequestError(f"messages[{i}] has no 'content'", "messages")
-        if not isinstance(m["content"], str):
-            raise InvalidRequestError(
-                f"messages[{i}]['content'] must be a str, got "
-                f"{type(m['content']).__name__}",
-                "messages",
-            )
-
-
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidConfigError(f"device={name!r} asked for but CUDA is not available", "device")
-    return dev
-
-
-def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
-def _max_model_len(hf_config: Any, config: EngineConfig) -> int:
-    native = int(getattr(hf_config, "max_position_embeddings", 0) or 2048)
-    window = sliding_window(hf_config)
-    if window is not None and window < native:
-        logger.warning("attention window %d < context %d: limiting max_model_len to the "
-                       "window (no sliding-window attention on the native path)", window, native)
-        native = window
-    if config.max_model_len is None:
-        return native
-    if config.max_model_len > native:
-        raise InvalidConfigError(
-            f"max_model_len={config.max_model_len} exceeds the model's context length "
-            f"{native}",
-            "max_model_len",
-        )
-    return config.max_model_len
-
-
-def _eos_ids(hf_config: Any, tokenizer: Any) -> tuple[int, ...]:
-    ids: set[int] = set()
-    for src in (getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(src, int):
-            ids.add(src)
-        elif isinstance(src, (list, tuple)):
-            ids.update(int(x) for x in src)
-    return tuple(sorted(ids))
-
-
-def _num_blocks(model: torch.nn.Module, config: EngineConfig, dtype: torch.dtype) -> int:
-    cc = config.cache_config
-    if cc.num_kv_blocks is not None:
-        return cc.num_kv_blocks
-    per_block = ModelRunner.bytes_per_block(model, cc.block_size, dtype)
-    budget = parse_bytes(cc.kv_cache_memory or "1GiB")
-    n = budget // per_block
-    if n < 2:
-        raise InvalidConfigError(
-            f"kv_cache_memory={cc.kv_cache_memory!r} holds {n} blocks of {per_block} bytes; "
-            "at least 2 are needed",
-            "kv_cache_memory",
-        )
-    return int(n)
 
 
 def _quantize(model: torch.nn.Module, method: str, path: Path) -> str:
     try:
         from llmprod.quant import int8
     except ImportError as exc:  # pragma: no cover - packaging error
-        raise InvalidConfigError(f"int8 quantization is unavailable: {exc}", "quantization") from exc
+        raise InvalidConfigError(
+            f"int8 quantization is unavailable: {exc}", "quantization"
+        ) from exc
     mapping = {"int8": "auto", "int8-wo": "int8-wo", "int8-bnb": "int8-bnb"}
     return str(int8.quantize_model(model, method=mapping[method]))

@@ -88,8 +88,14 @@ class MetricsRecorder:
         with self._lock:
             self.counts["submitted"] += 1
 
-    def on_finish(self, outcome: str, prompt: int, completion: int, cached: int,
-                  timings: dict[str, float | None]) -> None:  # fmt: skip
+    def on_finish(
+        self,
+        outcome: str,
+        prompt: int,
+        completion: int,
+        cached: int,
+        timings: dict[str, float | None],
+    ) -> None:
         with self._lock:
             self.counts[outcome] += 1
             self.tokens["prompt"] += prompt

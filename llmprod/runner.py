@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from llmprod.attention.metadata import AttentionMetadata
+from llmprod.config import CacheConfig, parse_bytes
+from llmprod.errors import InvalidConfigError
 from llmprod.sampler import Sampler, SamplerOutput, make_logprob
 from llmprod.scheduler import SchedulerOutput
 
@@ -51,19 +53,39 @@ class ModelRunner:
         self.backend = backend
         self.eos_token_ids = eos_token_ids
         num_layers = len(model.model.layers)  # type: ignore[union-attr,arg-type]
-        shape = (2, num_blocks, block_size, model.num_kv_heads, model.head_dim)  # type: ignore[union-attr]
+        kv_heads, head_dim = int(model.num_kv_heads), int(model.head_dim)  # type: ignore[arg-type]
+        shape = (2, num_blocks, block_size, kv_heads, head_dim)
         # Zeroed, not empty: padded decode attention reads slots that were never
         # written, masked to weight 0, and 0 * NaN garbage would still be NaN.
-        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.kv_caches = [
+            torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)
+        ]
         self.sampler = Sampler(seed, device)
+
+    @staticmethod
+    def num_blocks_for(model: nn.Module, cc: CacheConfig, dtype: torch.dtype) -> int:
+        """KV blocks from ``num_kv_blocks`` or from the ``kv_cache_memory`` budget."""
+        if cc.num_kv_blocks is not None:
+            return cc.num_kv_blocks
+        per_block = ModelRunner.bytes_per_block(model, cc.block_size, dtype)
+        n = parse_bytes(cc.kv_cache_memory or "1GiB") // per_block
+        if n < 2:
+            raise InvalidConfigError(
+                f"kv_cache_memory={cc.kv_cache_memory!r} holds {n} blocks of "
+                f"{per_block} bytes; at least 2 are needed",
+                "kv_cache_memory",
+            )
+        return int(n)
 
     @staticmethod
     def bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
         num_layers = len(model.model.layers)  # type: ignore[union-attr,arg-type]
         per_token = 2 * model.num_kv_heads * model.head_dim * dtype.itemsize  # type: ignore[union-attr,operator]
-        return num_layers * block_size * per_token
+        return int(num_layers * block_size * per_token)
 
-    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def prepare(
+        self, out: SchedulerOutput
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Flatten the step into input ids, positions and attention metadata."""
         bs = self.block_size
         entries = out.scheduled
@@ -80,7 +102,9 @@ class ModelRunner:
             seq_lens.append(e.start + e.num_new_tokens)
             tables.append(r.block_ids)
         max_blocks = max(len(t) for t in tables)
-        table_t = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32)
+        table_t = torch.tensor(
+            [t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32
+        )
         q_lens_t = torch.tensor(q_lens)
         cu = [0]
         for n in q_lens:
@@ -88,13 +112,17 @@ class ModelRunner:
         cu_t = torch.tensor(cu, dtype=torch.int32)
         seq_idx = torch.repeat_interleave(torch.arange(len(entries)), q_lens_t)
         # position of each token = its sequence's start + its index inside the chunk
-        positions = torch.arange(cu[-1]) - (cu_t[:-1].long() - torch.tensor(starts))[seq_idx]
+        positions = (
+            torch.arange(cu[-1]) - (cu_t[:-1].long() - torch.tensor(starts))[seq_idx]
+        )
         blocks = table_t[seq_idx, positions // bs].long()
         slot_mapping = blocks * bs + positions % bs
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=slot_mapping.to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(
+                dev, non_blocking=True
+            ),
             cu_seqlens_q=cu_t.to(dev, non_blocking=True),
             block_tables=table_t.to(dev, non_blocking=True),
             block_size=bs,
@@ -121,7 +149,9 @@ class ModelRunner:
         sampled = self.sampler(logits, requests, self.eos_token_ids)
         return StepResult(sampled, rows)
 
-    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor, cu: list[int]) -> None:
+    def _prompt_logprobs(
+        self, out: SchedulerOutput, hidden: torch.Tensor, cu: list[int]
+    ) -> None:
         """Log-probability of each prompt token given the ones before it."""
         for i, e in enumerate(out.scheduled):
             r = e.request
@@ -142,5 +172,3 @@ class ModelRunner:
                 )
             if e.start + e.num_new_tokens >= num_prompt:
                 r.prompt_logprobs_done = True
-
-

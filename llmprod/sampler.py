@@ -60,7 +60,10 @@ class Sampler:
         return SamplerOutput(token_ids, logprobs)
 
     def _apply_penalties(
-        self, logits: torch.Tensor, requests: list[Request], eos_token_ids: tuple[int, ...]
+        self,
+        logits: torch.Tensor,
+        requests: list[Request],
+        eos_token_ids: tuple[int, ...],
     ) -> torch.Tensor:
         cloned = False
         for i, r in enumerate(requests):
@@ -75,7 +78,9 @@ class Sampler:
             if p.min_tokens and r.num_output_tokens < p.min_tokens:
                 if not cloned:
                     logits, cloned = logits.clone(), True
-                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
+                banned = list(p.stop_token_ids) + (
+                    [] if p.ignore_eos else list(eos_token_ids)
+                )
                 if banned:
                     logits[i, banned] = float("-inf")
         return logits
@@ -93,7 +98,9 @@ class Sampler:
             ks = torch.tensor(
                 [min(p.top_k or vocab, vocab) for p in params], device=logits.device
             )
-            kth = scaled.sort(dim=-1, descending=True).values.gather(1, (ks - 1)[:, None])
+            kth = scaled.sort(dim=-1, descending=True).values.gather(
+                1, (ks - 1)[:, None]
+            )
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
         probs = torch.softmax(scaled, dim=-1)
         if any(p.top_p < 1.0 for p in params):
@@ -117,7 +124,9 @@ class Sampler:
         return torch.where(greedy, logits.argmax(dim=-1), drawn)
 
 
-def make_logprob(row_logprobs: torch.Tensor, token_id: int, num_top: int) -> TokenLogprob:
+def make_logprob(
+    row_logprobs: torch.Tensor, token_id: int, num_top: int
+) -> TokenLogprob:
     """The log-probability of ``token_id`` and the ``num_top`` best alternatives."""
     top: dict[int, float] = {}
     if num_top:

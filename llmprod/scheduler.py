@@ -55,7 +55,9 @@ class SchedulerOutput:
         return not self.scheduled
 
 
-def group_by_length(lengths: list[int], max_ratio: float = 1.25) -> list[tuple[int, int]]:
+def group_by_length(
+    lengths: list[int], max_ratio: float = 1.25
+) -> list[tuple[int, int]]:
     """Cut sorted ``lengths`` into runs whose longest is at most ``max_ratio`` x
     (shortest + 64), so padding each run to its longest wastes little.
 
@@ -168,8 +170,14 @@ class Scheduler:
         ):
             req = self.waiting[0]
             first_time = req.first_scheduled_time is None
-            cached = self.kv.find_cached_prefix(req) if req.num_computed_tokens == 0 else []
-            remaining = req.num_tokens - req.num_computed_tokens - len(cached) * self.kv.block_size
+            cached = (
+                self.kv.find_cached_prefix(req) if req.num_computed_tokens == 0 else []
+            )
+            remaining = (
+                req.num_tokens
+                - req.num_computed_tokens
+                - len(cached) * self.kv.block_size
+            )
             n = min(remaining, budget)
             if not self.kv.allocate_slots(req, n, cached):
                 break

@@ -79,7 +79,9 @@ def hf_model(engine: Engine) -> Any:
     return model
 
 
-def hf_greedy(model: Any, ids: list[int], max_new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
+def hf_greedy(
+    model: Any, ids: list[int], max_new_tokens: int
+) -> tuple[list[int], list[torch.Tensor]]:
     """transformers generate(do_sample=False): tokens and the logits at each step."""
     with torch.inference_mode():
         out = model.generate(
@@ -94,7 +96,9 @@ def hf_greedy(model: Any, ids: list[int], max_new_tokens: int) -> tuple[list[int
     return out.sequences[0, len(ids) :].tolist(), [s[0] for s in out.scores]
 
 
-def first_divergence(ours: list[int], ref: list[int], scores: list[torch.Tensor]) -> tuple[int, float] | None:
+def first_divergence(
+    ours: list[int], ref: list[int], scores: list[torch.Tensor]
+) -> tuple[int, float] | None:
     """None if equal; else (position, top-2 logit gap of the reference there)."""
     for i, (a, b) in enumerate(zip(ours, ref)):
         if a != b:

@@ -32,11 +32,13 @@ TEXT_PROMPTS = [
 CHAT_PROMPTS = [
     [{"role": "user", "content": "What is the boiling point of water?"}],
     [{"role": "user", "content": "Write a short poem about the moon."}],
-    [{"role": "system", "content": "You are terse."},
-     {"role": "user", "content": "Name a prime number larger than 10."}],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name a prime number larger than 10."},
+    ],
     [{"role": "user", "content": "Explain recursion to a child."}],
     [{"role": "user", "content": PARAGRAPH * 4 + "\nWhat is this text about?"}],
-]  # fmt: skip
+]
 
 # Token-id prompts: a single token, and a few short ones.
 TOKEN_PROMPTS = [[504], [1, 2, 3], [28, 253, 1209, 30]]

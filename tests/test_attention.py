@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmprod.attention import AttentionMetadata, TorchAttentionBackend, paged_attention_ref
+from llmprod.attention import (
+    AttentionMetadata,
+    TorchAttentionBackend,
+    paged_attention_ref,
+)
 from llmprod.scheduler import group_by_length
 
 # (context length after the step, query length) per sequence
@@ -32,13 +36,17 @@ def build(batch: list[tuple[int, int]], num_kv_heads: int, block_size: int = 16)
         tables.append(perm[used : used + n])
         used += n
     max_blocks = max(len(t) for t in tables)
-    bt = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32)
+    bt = torch.tensor(
+        [t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32
+    )
     kv = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim)
     cu = [0]
     slots = []
     for (s, q), t in zip(batch, tables):
         cu.append(cu[-1] + q)
-        slots += [t[p // block_size] * block_size + p % block_size for p in range(s - q, s)]
+        slots += [
+            t[p // block_size] * block_size + p % block_size for p in range(s - q, s)
+        ]
     meta = AttentionMetadata(
         slot_mapping=torch.tensor(slots),
         seq_lens=torch.tensor([s for s, _ in batch], dtype=torch.int32),
@@ -66,8 +74,9 @@ def test_torch_backend_matches_reference(name: str, heads: tuple[int, int]) -> N
     flat = expected_cache.view(2, -1, num_kv_heads, d)
     flat[0, meta.slot_mapping] = k
     flat[1, meta.slot_mapping] = v
-    ref = paged_attention_ref(q, expected_cache, meta.block_tables, meta.seq_lens,
-                              meta.cu_seqlens_q, d**-0.5)  # fmt: skip
+    ref = paged_attention_ref(
+        q, expected_cache, meta.block_tables, meta.seq_lens, meta.cu_seqlens_q, d**-0.5
+    )
     backend = TorchAttentionBackend()
     backend.prepare(meta)
     out = backend.forward(q, k, v, kv, meta, d**-0.5)

@@ -33,7 +33,9 @@ def test_deltas_concatenate_to_the_full_decode(tokenizer: Any) -> None:
     assert "\ufffd" not in d.text
 
 
-def test_stop_string_split_across_tokens_is_found_and_never_emitted(tokenizer: Any) -> None:
+def test_stop_string_split_across_tokens_is_found_and_never_emitted(
+    tokenizer: Any,
+) -> None:
     text = "alpha beta STOPWORD gamma"
     ids = tokenizer.encode(text)
     # the stop string spans several tokens
@@ -47,5 +49,7 @@ def test_stop_string_split_across_tokens_is_found_and_never_emitted(tokenizer: A
 
 
 def test_include_stop_string(tokenizer: Any) -> None:
-    d = IncrementalDetokenizer(tokenizer, stop=("beta",), include_stop_str_in_output=True)
+    d = IncrementalDetokenizer(
+        tokenizer, stop=("beta",), include_stop_str_in_output=True
+    )
     assert "".join(feed(tokenizer, d, "alpha beta gamma")) == "alpha beta"

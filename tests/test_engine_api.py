@@ -33,7 +33,10 @@ def test_generate_returns_one_completion_per_prompt_in_order(engine: Engine) -> 
 def test_mixed_lengths_in_order_each_equal_to_solo(engine: Engine) -> None:
     # L2: 32 prompts of mixed lengths and max_tokens, in input order.
     prompts = [("word " * (1 + 7 * i)).strip() for i in range(32)]
-    params = [SamplingParams(max_tokens=2 + i % 7, temperature=0, ignore_eos=True) for i in range(32)]
+    params = [
+        SamplingParams(max_tokens=2 + i % 7, temperature=0, ignore_eos=True)
+        for i in range(32)
+    ]
     outs = engine.generate(prompts, params)
     for i, o in enumerate(outs):
         assert len(o.token_ids) == 2 + i % 7 and o.finish_reason == "length"
@@ -65,26 +68,41 @@ def test_stop_string_not_streamed_and_reported(engine: Engine) -> None:
     assert text == free[: free.index(stop)]
     assert deltas[-1].finish_reason == "stop"
     assert deltas[-1].completion.stop_reason == stop  # type: ignore[union-attr]
-    with_stop = engine.generate(prompt, SamplingParams(max_tokens=24, temperature=0, stop=[stop],
-                                                       include_stop_str_in_output=True))[0]  # fmt: skip
+    with_stop = engine.generate(
+        prompt,
+        SamplingParams(
+            max_tokens=24, temperature=0, stop=[stop], include_stop_str_in_output=True
+        ),
+    )[0]
     assert with_stop.text == free[: free.index(stop) + len(stop)]
 
 
 def test_stop_token_ids_eos_and_ignore_eos(engine: Engine) -> None:
-    base = engine.generate("Hello", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    base = engine.generate(
+        "Hello", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    )[0]
     # the first token (after the first) that did not occur before it
-    k = next(i for i, t in enumerate(base.token_ids) if i and t not in base.token_ids[:i])
+    k = next(
+        i for i, t in enumerate(base.token_ids) if i and t not in base.token_ids[:i]
+    )
     tok = base.token_ids[k]
-    out = engine.generate("Hello", SamplingParams(max_tokens=12, temperature=0,
-                                                  stop_token_ids=[tok]))[0]  # fmt: skip
+    out = engine.generate(
+        "Hello", SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[tok])
+    )[0]
     assert out.token_ids == base.token_ids[: k + 1]
     assert out.finish_reason == "stop" and out.stop_reason == tok
-    chat = engine.chat([{"role": "user", "content": "Say hi."}], SamplingParams(max_tokens=64, temperature=0))
+    chat = engine.chat(
+        [{"role": "user", "content": "Say hi."}],
+        SamplingParams(max_tokens=64, temperature=0),
+    )
     assert isinstance(chat, Completion)
     assert chat.finish_reason == "stop" and chat.token_ids[-1] in engine.eos_token_ids
-    forced = engine.chat([{"role": "user", "content": "Say hi."}],
-                         SamplingParams(max_tokens=len(chat.token_ids) + 5, temperature=0,
-                                        ignore_eos=True))  # fmt: skip
+    forced = engine.chat(
+        [{"role": "user", "content": "Say hi."}],
+        SamplingParams(
+            max_tokens=len(chat.token_ids) + 5, temperature=0, ignore_eos=True
+        ),
+    )
     assert forced.finish_reason == "length"  # type: ignore[union-attr]
     assert len(forced.token_ids) == len(chat.token_ids) + 5  # type: ignore[union-attr]
 
@@ -94,20 +112,30 @@ def test_seeded_sampling_is_reproducible_alone_and_in_a_batch(engine: Engine) ->
     alone = engine.generate("Tell me a story about a dragon.", p)[0]
     others = [SamplingParams(max_tokens=30, temperature=1.0) for _ in range(5)]
     batch = engine.generate(
-        ["Once", "Tell me a story about a dragon.", "The weather", "x = ", "In Paris", "Why"],
+        [
+            "Once",
+            "Tell me a story about a dragon.",
+            "The weather",
+            "x = ",
+            "In Paris",
+            "Why",
+        ],
         [others[0], p, *others[1:]],
     )
     assert batch[1].token_ids == alone.token_ids
-    other_seed = engine.generate("Tell me a story about a dragon.",
-                                 SamplingParams(max_tokens=20, temperature=0.9, seed=99))[0]  # fmt: skip
+    other_seed = engine.generate(
+        "Tell me a story about a dragon.",
+        SamplingParams(max_tokens=20, temperature=0.9, seed=99),
+    )[0]
     assert other_seed.token_ids != alone.token_ids
 
 
 def test_repetition_penalty_changes_greedy_output(engine: Engine) -> None:
     prompt = "the the the the the the the the"
     plain = engine.generate(prompt, SamplingParams(max_tokens=8, temperature=0))[0]
-    penal = engine.generate(prompt, SamplingParams(max_tokens=8, temperature=0,
-                                                   repetition_penalty=2.0))[0]  # fmt: skip
+    penal = engine.generate(
+        prompt, SamplingParams(max_tokens=8, temperature=0, repetition_penalty=2.0)
+    )[0]
 
     def repeats(o: Completion) -> int:
         seen = o.prompt_token_ids
@@ -116,10 +144,14 @@ def test_repetition_penalty_changes_greedy_output(engine: Engine) -> None:
     assert repeats(plain) > repeats(penal)
 
 
-def test_logprobs_and_prompt_logprobs_match_transformers(engine: Engine, hf_model: Any) -> None:
+def test_logprobs_and_prompt_logprobs_match_transformers(
+    engine: Engine, hf_model: Any
+) -> None:
     prompt = "The capital of France is Paris. The capital of Italy is"
-    out = engine.generate(prompt, SamplingParams(max_tokens=4, temperature=0, logprobs=3,
-                                                 prompt_logprobs=2))[0]  # fmt: skip
+    out = engine.generate(
+        prompt,
+        SamplingParams(max_tokens=4, temperature=0, logprobs=3, prompt_logprobs=2),
+    )[0]
     ids = out.prompt_token_ids
     with torch.inference_mode():
         logits = hf_model(torch.tensor([ids + out.token_ids])).logits[0].float()
@@ -135,15 +167,24 @@ def test_logprobs_and_prompt_logprobs_match_transformers(engine: Engine, hf_mode
         pos = len(ids) - 1 + k
         assert entry.token_id == out.token_ids[k]
         assert abs(entry.logprob - float(lp[pos, entry.token_id])) < 1e-3
-        assert max(entry.top.values()) == pytest.approx(entry.logprob, abs=1e-6)  # greedy
+        assert max(entry.top.values()) == pytest.approx(
+            entry.logprob, abs=1e-6
+        )  # greedy
 
 
-def test_prefix_caching_reuses_blocks_and_keeps_output(engine: Engine, make_engine: Any) -> None:
+def test_prefix_caching_reuses_blocks_and_keeps_output(
+    engine: Engine, make_engine: Any
+) -> None:
     shared = "You are a careful assistant. " * 20
     a = engine.generate(shared + "First question: what is rain?", GREEDY)[0]
     b = engine.generate(shared + "Second question: what is snow?", GREEDY)[0]
-    assert a.usage.cached_prompt_tokens == 0 or a.usage.cached_prompt_tokens < b.usage.cached_prompt_tokens
-    assert b.usage.cached_prompt_tokens >= 16 * (len(engine.tokenizer.encode(shared)) // 16 - 1)
+    assert (
+        a.usage.cached_prompt_tokens == 0
+        or a.usage.cached_prompt_tokens < b.usage.cached_prompt_tokens
+    )
+    assert b.usage.cached_prompt_tokens >= 16 * (
+        len(engine.tokenizer.encode(shared)) // 16 - 1
+    )
     off = make_engine(enable_prefix_caching=False, kv_cache_memory="256MiB")
     b_off = off.generate(shared + "Second question: what is snow?", GREEDY)[0]
     assert b_off.usage.cached_prompt_tokens == 0
@@ -220,7 +261,9 @@ def test_chat_one_conversation_or_many(engine: Engine) -> None:
 def test_request_joins_while_others_decode_within_step_limits(make_engine: Any) -> None:
     # L3: the late request starts before the early one finishes; every step stays
     # within the token budget and seat limit.
-    eng = make_engine(max_num_batched_tokens=64, max_num_seqs=4, kv_cache_memory="128MiB")
+    eng = make_engine(
+        max_num_batched_tokens=64, max_num_seqs=4, kv_cache_memory="128MiB"
+    )
     seen: list[tuple[int, int]] = []
     original = eng.scheduler.schedule
 
@@ -233,7 +276,9 @@ def test_request_joins_while_others_decode_within_step_limits(make_engine: Any) 
     long = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
     stream = eng.stream("A long story begins: " * 10, long)
     next(stream)  # the long request is decoding
-    late = eng.generate("Quick question:", SamplingParams(max_tokens=3, temperature=0))[0]
+    late = eng.generate("Quick question:", SamplingParams(max_tokens=3, temperature=0))[
+        0
+    ]
     rest = list(stream)
     assert rest[-1].finish_reason == "length"
     long_done = rest[-1].completion
@@ -248,7 +293,9 @@ def test_counters_agree(engine: Engine) -> None:
     wait_idle(engine)
     before = engine.metrics().requests
     engine.generate(["a", "b"], GREEDY)
-    s = engine.stream("c", SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+    s = engine.stream(
+        "c", SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    )
     next(s)
     s.close()  # aborts
     wait_idle(engine)
@@ -256,7 +303,9 @@ def test_counters_agree(engine: Engine) -> None:
     assert m["submitted"] - before["submitted"] == 3
     assert m["completed"] - before["completed"] == 2
     assert m["aborted"] - before["aborted"] == 1
-    assert m["submitted"] == m["completed"] + m["aborted"] + m["errored"] + m["in_flight"]
+    assert (
+        m["submitted"] == m["completed"] + m["aborted"] + m["errored"] + m["in_flight"]
+    )
     d = engine.metrics().to_dict()
     assert d["latency_s"]["e2e"]["p50"] is not None and d["tokens"]["completion"] > 0
 

@@ -24,7 +24,9 @@ def prompt_ids(engine: Engine) -> list[list[int]]:
 
 
 @pytest.fixture(scope="session")
-def references(hf_model: Any, prompt_ids: list[list[int]]) -> list[tuple[list[int], list[Any]]]:
+def references(
+    hf_model: Any, prompt_ids: list[list[int]]
+) -> list[tuple[list[int], list[Any]]]:
     # Vary the lengths so some end on EOS and others run to the limit.
     return [hf_greedy(hf_model, ids, MAX_NEW) for ids in prompt_ids]
 
@@ -36,8 +38,8 @@ def check_against_reference(outs: list[Any], references: list[Any]) -> None:
         if d is not None:
             pos, gap = d
             assert gap < TIE_GAP, (
-                f"prompt {i}: token {pos} differs ({out.token_ids[pos:pos + 3]} vs "
-                f"{ref[pos:pos + 3]}) and the reference top-2 gap {gap:.2e} is no tie"
+                f"prompt {i}: token {pos} differs ({out.token_ids[pos : pos + 3]} vs "
+                f"{ref[pos : pos + 3]}) and the reference top-2 gap {gap:.2e} is no tie"
             )
             ties.append(i)
     assert len(ties) <= 1, f"more than one numerical tie: prompts {ties}"
@@ -53,7 +55,9 @@ def test_prompts_cover_the_promised_range(prompt_ids: list[list[int]]) -> None:
 def test_batched_greedy_equals_transformers(
     engine: Engine, prompt_ids: list[list[int]], references: list[Any]
 ) -> None:
-    outs = engine.generate(prompt_ids, SamplingParams(max_tokens=MAX_NEW, temperature=0))
+    outs = engine.generate(
+        prompt_ids, SamplingParams(max_tokens=MAX_NEW, temperature=0)
+    )
     check_against_reference(outs, references)
     assert engine.metrics().scheduler["steps"] > 0
 

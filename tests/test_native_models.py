@@ -15,8 +15,15 @@ from llmprod.errors import UnsupportedModelError
 from tests.conftest import first_divergence, hf_greedy
 
 VOCAB = 49152  # the SmolLM2 tokenizer is copied next to each tiny model
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
 
 
 def tiny_config(arch: str) -> Any:
@@ -25,9 +32,17 @@ def tiny_config(arch: str) -> Any:
     if arch == "llama":
         return tf.LlamaConfig(**COMMON, tie_word_embeddings=True)
     if arch == "llama-bias-rope-scaled":
-        return tf.LlamaConfig(**COMMON, attention_bias=True, rope_scaling={
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 128})  # fmt: skip
+        return tf.LlamaConfig(
+            **COMMON,
+            attention_bias=True,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 128,
+            },
+        )
     if arch == "qwen2":
         return tf.Qwen2Config(**COMMON, tie_word_embeddings=False)
     if arch == "mistral":
@@ -53,7 +68,9 @@ def save_tiny(arch: str, root: Path, tokenizer_dir: Path, config: Any = None) ->
     return out
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama-bias-rope-scaled", "qwen2", "mistral"])
+@pytest.mark.parametrize(
+    "arch", ["llama", "llama-bias-rope-scaled", "qwen2", "mistral"]
+)
 def test_tiny_model_greedy_equals_transformers(
     arch: str, tmp_path: Path, engine: Engine, make_engine: Any
 ) -> None:
@@ -63,7 +80,9 @@ def test_tiny_model_greedy_equals_transformers(
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tiny = make_engine(str(path), num_kv_blocks=64, block_size=16)
     prompts = [[5, 17, 300, 42] * k for k in (1, 5, 9)] + [[7]]
-    outs = tiny.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    outs = tiny.generate(
+        prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    )
     for p, o in zip(prompts, outs):
         ref, scores = hf_greedy(hf, p, 12)
         hf_len = len(ref)  # transformers stops at EOS; compare that prefix
@@ -75,5 +94,5 @@ def test_unsupported_architecture_is_named(tmp_path: Path, engine: Engine) -> No
 
     cfg = tf.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=VOCAB)
     path = save_tiny("gpt2", tmp_path, engine.model_path, config=cfg)
-    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel.*gpt2"):
+    with pytest.raises(UnsupportedModelError, match=r"GPT2LMHeadModel.*gpt2"):
         Engine.from_pretrained(str(path))

@@ -25,8 +25,12 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("name", "value", "limit"), BAD, ids=[f"{b[0]}={b[1]!r}" for b in BAD])
-def test_invalid_values_raise_value_error_naming_field(name: str, value: object, limit: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "value", "limit"), BAD, ids=[f"{b[0]}={b[1]!r}" for b in BAD]
+)
+def test_invalid_values_raise_value_error_naming_field(
+    name: str, value: object, limit: str
+) -> None:
     with pytest.raises(ValueError) as info:
         SamplingParams(**{name: value})  # type: ignore[arg-type]
     assert isinstance(info.value, InvalidRequestError)

@@ -33,17 +33,21 @@ def test_decodes_first_then_chunked_prefill_within_budget() -> None:
     a, b = make_request(10, "a"), make_request(30, "b")
     s.add(a)
     out = run_step(s)
-    assert [(e.request.request_id, e.start, e.num_new_tokens) for e in out.scheduled] == [("a", 0, 10)]
+    assert [
+        (e.request.request_id, e.start, e.num_new_tokens) for e in out.scheduled
+    ] == [("a", 0, 10)]
     s.add(b)
     out = run_step(s)
     # a decodes (1 token), b gets the other 15 of the budget: a chunk
-    assert [(e.request.request_id, e.start, e.num_new_tokens) for e in out.scheduled] == [
-        ("a", 10, 1), ("b", 0, 15)]  # fmt: skip
+    assert [
+        (e.request.request_id, e.start, e.num_new_tokens) for e in out.scheduled
+    ] == [("a", 10, 1), ("b", 0, 15)]
     assert out.num_decodes == 1 and out.num_batched_tokens == 16
     assert not out.scheduled[1].samples  # the chunk does not reach b's end
     out = run_step(s)
-    assert [(e.request.request_id, e.start, e.num_new_tokens) for e in out.scheduled] == [
-        ("a", 11, 1), ("b", 15, 15)]  # fmt: skip
+    assert [
+        (e.request.request_id, e.start, e.num_new_tokens) for e in out.scheduled
+    ] == [("a", 11, 1), ("b", 15, 15)]
     assert out.scheduled[1].samples
 
 
@@ -69,7 +73,9 @@ def test_a_new_request_joins_while_others_decode() -> None:
 def test_preempts_newest_when_blocks_run_out_and_recomputes_it() -> None:
     # 4 blocks x 4 tokens. Two requests of 8 tokens take all 4 blocks; the first
     # decode needs a fifth block, so the newest request is preempted.
-    s = make_scheduler(num_blocks=4, block_size=4, max_num_batched_tokens=32, max_num_seqs=8)
+    s = make_scheduler(
+        num_blocks=4, block_size=4, max_num_batched_tokens=32, max_num_seqs=8
+    )
     a, b = make_request(8, "a"), make_request(8, "b")
     s.add(a)
     s.add(b)
@@ -82,7 +88,9 @@ def test_preempts_newest_when_blocks_run_out_and_recomputes_it() -> None:
 
 
 def test_alone_and_out_of_blocks_ends_with_length() -> None:
-    s = make_scheduler(num_blocks=2, block_size=4, max_num_batched_tokens=32, max_num_seqs=8)
+    s = make_scheduler(
+        num_blocks=2, block_size=4, max_num_batched_tokens=32, max_num_seqs=8
+    )
     a = make_request(8, "a")
     s.add(a)
     run_step(s)
@@ -111,7 +119,12 @@ def test_decode_groups_bound_padding() -> None:
         s.add(make_request(n, f"r{i}"))
     run_step(s)
     out = run_step(s)
-    assert [e.start + 1 for e in out.scheduled] == [11, 13, 401, 421]  # sorted by length
+    assert [e.start + 1 for e in out.scheduled] == [
+        11,
+        13,
+        401,
+        421,
+    ]  # sorted by length
     assert out.decode_groups == [(0, 2), (2, 4)]
     # padding: group 1 pads 11 -> 13 (2 keys), group 2 pads 401 -> 421 (20 keys)
     assert out.padded_elements == 22 and out.processed_elements == 26 + 842

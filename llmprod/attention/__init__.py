@@ -9,7 +9,10 @@ import torch
 
 from llmprod.attention.metadata import AttentionMetadata
 from llmprod.attention.reference import paged_attention_ref, store_kv_ref
-from llmprod.attention.torch_backend import TorchAttentionBackend, TritonAttentionBackend
+from llmprod.attention.torch_backend import (
+    TorchAttentionBackend,
+    TritonAttentionBackend,
+)
 from llmprod.errors import InvalidConfigError
 
 __all__ = [

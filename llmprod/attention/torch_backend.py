@@ -52,7 +52,7 @@ class TorchAttentionBackend:
         """Build the gather indices and masks once per step (shared by all layers)."""
         bs = meta.block_size
         device = meta.block_tables.device
-        groups = []
+        groups: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = []
         for lo, hi in meta.decode_groups:
             lens = meta.seq_lens_host[lo:hi]
             longest = max(lens)
@@ -64,7 +64,7 @@ class TorchAttentionBackend:
             pos = torch.arange(longest, device=device)
             mask = (pos[None, :] < lens_t[:, None])[:, None, None, :]  # [n, 1, 1, L]
             groups.append((lo, hi, idx, None if min(lens) == longest else mask))
-        prefills = []
+        prefills: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]] = []
         cu = meta.cu_seqlens_q_host
         for s in range(meta.num_decodes, meta.num_seqs):
             t0, t1 = cu[s], cu[s + 1]
@@ -120,7 +120,9 @@ class TritonAttentionBackend:
     name = "triton"
 
     def __init__(self) -> None:
-        from llmprod import kernels
+        import importlib
+
+        kernels = importlib.import_module("llmprod.kernels")
 
         self._store_kv = kernels.store_kv
         self._paged_attention = kernels.paged_attention

