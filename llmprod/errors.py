@@ -74,5 +74,21 @@ class RateLimitedError(LLMProdError):
         self.limit = limit
 
 
+class GuardBlockedError(InvalidRequestError):
+    """A safety guard blocked the prompt or the output.
+
+    Attributes:
+        guard: the guard's name; ``findings``: what it found (kinds and counts,
+        never the matched text itself).
+    """
+
+    def __init__(
+        self, message: str, guard: str = "", findings: dict | None = None
+    ) -> None:
+        super().__init__(message, field="prompt")
+        self.guard = guard
+        self.findings = findings or {}
+
+
 # Short aliases, the names DESIGN.md uses.
 RateLimited = RateLimitedError
