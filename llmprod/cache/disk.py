@@ -34,7 +34,6 @@ import diskcache
 from diskcache.core import MODE_BINARY, MODE_RAW, UNKNOWN
 
 from llmprod.cache import _frame
-from llmprod.cache.registry import parse_query
 from llmprod.cache.protocol import (
     CorruptEntryError,
     UnsafeEntryError,
@@ -42,6 +41,7 @@ from llmprod.cache.protocol import (
     check_ttl,
     check_value,
 )
+from llmprod.cache.registry import parse_query
 
 logger = logging.getLogger("llmprod.cache")
 
@@ -68,7 +68,9 @@ class BytesOnlyDisk(diskcache.Disk):  # type: ignore[misc]
     def get(self, key: Any, raw: bool) -> Any:
         """Convert a key read from the Cache table; refuses pickled keys."""
         if not raw:
-            raise UnsafeEntryError("refusing to unpickle a key stored by another writer")
+            raise UnsafeEntryError(
+                "refusing to unpickle a key stored by another writer"
+            )
         return bytes(key) if isinstance(key, (bytes, memoryview)) else key
 
     def store(self, value: Any, read: bool, key: Any = UNKNOWN) -> tuple[Any, ...]:

@@ -162,10 +162,8 @@ class FsspecCache:
     def delete(self, key: str) -> None:
         """See :meth:`CacheBackend.delete`."""
         path = self.path_for(key)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(path)
-        except FileNotFoundError:
-            pass
 
     def close(self) -> None:
         """Nothing to release; kept for the contract. Calling it again is fine."""

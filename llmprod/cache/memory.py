@@ -50,9 +50,7 @@ class MemoryCache:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         # key -> (value, expires_at on the monotonic clock or None, size)
-        self._entries: OrderedDict[str, tuple[bytes, float | None, int]] = (
-            OrderedDict()
-        )
+        self._entries: OrderedDict[str, tuple[bytes, float | None, int]] = OrderedDict()
         self._num_bytes = 0
 
     @classmethod

@@ -141,10 +141,11 @@ def open_cache(url: str, **options: Any) -> CacheBackend:
         factory = _resolve(entry.target)
         return factory(url, **options)
     except ImportError as exc:
+        missing = exc.name or ""
         if isinstance(exc, MissingDependencyError) or (
-            exc.name or ""
-        ).startswith("llmprod"):
-            raise
+            missing == "llmprod" or missing.startswith("llmprod.")
+        ):
+            raise  # a bug in llmprod itself, not a missing extra
         extra = entry.extra or "cache"
         raise MissingDependencyError(
             f"cache backend for {scheme}:// needs a package that is not installed "

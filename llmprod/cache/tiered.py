@@ -61,13 +61,17 @@ class TieredCache:
         if ttls is None:
             ttls = [None] * len(tiers)
         if len(ttls) != len(tiers):
-            raise ValueError(f"{len(ttls)=} must equal the number of tiers {len(tiers)}")
+            raise ValueError(
+                f"{len(ttls)=} must equal the number of tiers {len(tiers)}"
+            )
         self.ttls = [check_ttl(t) for t in ttls]
         self.promote = promote
         self.tiers: list[FailSafeCache] = []
         seen: dict[str, int] = {}
         for tier in tiers:
-            base = tier.label if isinstance(tier, FailSafeCache) else backend_label(tier)
+            base = (
+                tier.label if isinstance(tier, FailSafeCache) else backend_label(tier)
+            )
             n = seen.get(base, 0)
             seen[base] = n + 1
             label = base if n == 0 else f"{base}-{n}"
