@@ -125,6 +125,8 @@ class EngineConfig:
     """Seed of the engine's generator for requests without their own seed."""
     num_threads: int | None = None
     """torch intra-op threads on CPU; None keeps torch's choice."""
+    prices: Any = None
+    """A :class:`llmprod.pricing.PriceTable`; None costs nothing."""
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     """The paged KV cache."""
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)

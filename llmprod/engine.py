@@ -361,25 +361,7 @@ class Engine:
 
     def metrics(self) -> MetricsSnapshot:
         """A snapshot of counters, latency percentiles, cache and memory use."""
-        m = self._metrics
-        elapsed = max(time.monotonic() - m.start_time, 1e-9)
-        with m._lock:
-            counts = dict(m.counts)
-            tokens = dict(m.tokens)
-            steps, padded, processed, peak_kv = (
-                m.steps,
-                m.padded,
-                m.processed,
-                m.peak_kv_usage,
-            )
-        pool = self.kv.pool
         kv = self.kv
-        hit_rate = (
-            kv.num_prefix_hit_tokens / kv.num_prefix_query_tokens
-            if kv.num_prefix_query_tokens
-            else 0.0
-        )
-        running = sum(1 for h in list(self._handles.values()) if not h.done)
         if self.device.type == "cuda":
             mem = {
                 "now_bytes": int(torch.cuda.memory_allocated(self.device)),
@@ -387,29 +369,19 @@ class Engine:
             }
         else:
             mem = {"now_bytes": process_rss_bytes(), "peak_bytes": peak_rss_bytes()}
-        return MetricsSnapshot(
-            requests={**counts, "in_flight": running},
-            tokens=tokens,
-            latency_s=m.latency(),
-            throughput={
-                "generated_tokens_per_s": tokens["completion"] / elapsed,
-                "total_tokens_per_s": (tokens["completion"] + tokens["prompt"])
-                / elapsed,
-            },
+        queries = kv.num_prefix_query_tokens
+        return self._metrics.snapshot(
             kv_cache={
                 "num_blocks": self.num_blocks,
                 "block_size": self.block_size,
-                "usage": pool.usage(),
-                "peak_usage": peak_kv,
-                "cached_blocks": pool.num_cached_blocks,
-                "prefix_hit_rate": hit_rate,
-                "evictions": pool.num_evictions,
+                "usage": kv.pool.usage(),
+                "cached_blocks": kv.pool.num_cached_blocks,
+                "prefix_hit_rate": kv.num_prefix_hit_tokens / queries
+                if queries
+                else 0.0,
+                "evictions": kv.pool.num_evictions,
             },
-            scheduler={
-                "steps": steps,
-                "preemptions": self.scheduler.num_preemptions,
-                "padding_waste": padded / processed if processed else 0.0,
-            },
+            scheduler={"preemptions": self.scheduler.num_preemptions},
             memory=mem,
             engine={
                 "model": self.model_name,
@@ -518,7 +490,7 @@ class Engine:
         with self._close_lock:
             if self._closed:
                 raise EngineClosedError("the engine is closed")
-            self._metrics.on_submit()
+            self._metrics.on_submit(req.tenant)
             self._inbox.put(("add", h))
         self._wakeup.set()
         return h
@@ -575,19 +547,34 @@ class Engine:
     def step(self) -> None:
         """One engine step: schedule, run the model, process the outputs."""
         out = self.scheduler.schedule()
-        for req in out.finished:
+        for req in out.finished:  # the pool cannot hold them any longer
             self._finalize(self._handles[req.request_id], req.finish_reason or "length")
         if out.is_empty:
             return
+        t0 = time.perf_counter()
         try:
             result = self.runner.execute(out)
         except Exception as exc:
             self._fail_step(out, exc)
             return
         self.scheduler.update(out)
+        self._account(out, time.perf_counter() - t0)
         self._process(out, result)
+
+    def _account(self, out: SchedulerOutput, elapsed: float) -> None:
+        """Share the step's model time by tokens; record padding and KV use."""
+        per_token = elapsed / max(out.num_batched_tokens, 1)
+        for e in out.scheduled:
+            e.request.compute_s += per_token * e.num_new_tokens
+        bs = self.block_size
+        running = self.scheduler.running
+        allocated = sum(len(r.block_ids) for r in running) * bs
+        used = sum(r.num_computed_tokens for r in running)
         self._metrics.on_step(
-            out.padded_elements, out.processed_elements, self.kv.pool.usage()
+            out.padded_elements,
+            out.processed_elements,
+            self.kv.pool.usage(),
+            (allocated - used) / allocated if allocated else 0.0,
         )
 
     def _process(self, out: SchedulerOutput, result: StepResult) -> None:
@@ -648,17 +635,35 @@ class Engine:
             return
         if not h.request.is_finished:
             self.scheduler.finish(h.request, "error")
+        self._release(h, "errored", {})
+        h.sink(err)
+
+    def _release(
+        self, h: _Handle, outcome: str, timings: dict[str, float | None]
+    ) -> float:
+        """Forget a finished handle and record it; returns the request's cost."""
         h.done = True
         self._handles.pop(h.request.request_id, None)
         req = h.request
+        prices = self.config.prices
+        cost = 0.0
+        if prices is not None:
+            cost = prices.cost(
+                prompt_tokens=req.num_prompt_tokens,
+                completion_tokens=req.num_output_tokens,
+                cached_prompt_tokens=req.num_cached_tokens,
+                compute_s=req.compute_s,
+            )
         self._metrics.on_finish(
-            "errored",
+            outcome,
             req.num_prompt_tokens,
             req.num_output_tokens,
             req.num_cached_tokens,
-            {},
+            timings,
+            tenant=req.tenant,
+            cost=cost,
         )
-        h.sink(err)
+        return cost
 
     def _finalize(
         self, h: _Handle, reason: str, last_token_ids: list[int] | None = None
@@ -670,8 +675,6 @@ class Engine:
         """
         if h.done:
             return
-        h.done = True
-        self._handles.pop(h.request.request_id, None)
         req = h.request
         req.finish_reason = reason
         req.finish_time = time.monotonic()
@@ -702,11 +705,9 @@ class Engine:
             else None,
         )
         outcome = "aborted" if reason == "abort" else "completed"
-        self._metrics.on_finish(
+        comp.usage.cost = self._release(
+            h,
             outcome,
-            req.num_prompt_tokens,
-            n_out,
-            req.num_cached_tokens,
             {
                 "queued": timings.queued_s,
                 "ttft": timings.ttft_s,

@@ -48,21 +48,29 @@ class MetricsSnapshot:
     """Everything ``engine.metrics()`` reports, as plain Python values."""
 
     requests: dict[str, int] = field(default_factory=dict)
-    """submitted, completed, aborted, errored, running, waiting."""
+    """submitted, completed, aborted, errored, in_flight."""
     tokens: dict[str, int] = field(default_factory=dict)
     """prompt, completion, cached_prompt."""
     latency_s: dict[str, dict[str, float | None]] = field(default_factory=dict)
     """queued, ttft, tpot, e2e -> p50/p90/p95/p99 over the window."""
     throughput: dict[str, float] = field(default_factory=dict)
-    """generated and total tokens per second since the engine started."""
+    """generated and total tokens per second since the engine started; uptime_s."""
     kv_cache: dict[str, float] = field(default_factory=dict)
-    """num_blocks, block_size, usage, peak_usage, prefix_hit_rate, evictions."""
+    """num_blocks, block_size, usage, peak_usage, slot_waste_at_peak (allocated but
+    unused slots of running requests when usage peaked), prefix_hit_rate,
+    cached_blocks, evictions."""
     scheduler: dict[str, float] = field(default_factory=dict)
     """steps, preemptions, padding_waste (padded / processed decode-attention keys)."""
     memory: dict[str, int] = field(default_factory=dict)
     """now and peak bytes (CUDA allocator on GPU, process RSS on CPU)."""
     engine: dict[str, Any] = field(default_factory=dict)
     """model, device, dtype, attention backend, quantization."""
+    cost: dict[str, float] = field(default_factory=dict)
+    """total cost of finished requests (from the engine's price table)."""
+    tenants: dict[str, dict[str, float]] = field(default_factory=dict)
+    """per tenant: submitted, completed, aborted, errored, tokens, cost."""
+    cache: dict[str, Any] = field(default_factory=dict)
+    """response-cache hits per tier, misses and backend errors."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,6 +84,8 @@ class MetricsRecorder:
         self.start_time = time.monotonic()
         self.counts = {"submitted": 0, "completed": 0, "aborted": 0, "errored": 0}
         self.tokens = {"prompt": 0, "completion": 0, "cached_prompt": 0}
+        self.cost = 0.0
+        self.tenants: dict[str, dict[str, float]] = {}
         self.samples: dict[str, deque[float]] = {
             k: deque(maxlen=window) for k in ("queued", "ttft", "tpot", "e2e")
         }
@@ -83,10 +93,21 @@ class MetricsRecorder:
         self.padded = 0
         self.processed = 0
         self.peak_kv_usage = 0.0
+        self.slot_waste_at_peak = 0.0
 
-    def on_submit(self) -> None:
+    def _tenant(self, tenant: str) -> dict[str, float]:
+        t = self.tenants.get(tenant)
+        if t is None:
+            t = self.tenants[tenant] = {
+                "submitted": 0, "completed": 0, "aborted": 0, "errored": 0,
+                "prompt_tokens": 0, "completion_tokens": 0, "cost": 0.0,
+            }  # fmt: skip
+        return t
+
+    def on_submit(self, tenant: str = "default") -> None:
         with self._lock:
             self.counts["submitted"] += 1
+            self._tenant(tenant)["submitted"] += 1
 
     def on_finish(
         self,
@@ -95,25 +116,74 @@ class MetricsRecorder:
         completion: int,
         cached: int,
         timings: dict[str, float | None],
+        tenant: str = "default",
+        cost: float = 0.0,
     ) -> None:
+        """Record a finished request; ``outcome`` is completed, aborted or errored."""
         with self._lock:
             self.counts[outcome] += 1
             self.tokens["prompt"] += prompt
             self.tokens["completion"] += completion
             self.tokens["cached_prompt"] += cached
+            self.cost += cost
+            t = self._tenant(tenant)
+            t[outcome] += 1
+            t["prompt_tokens"] += prompt
+            t["completion_tokens"] += completion
+            t["cost"] += cost
             if outcome == "completed":
                 for k, v in timings.items():
                     if v is not None:
                         self.samples[k].append(v)
 
-    def on_step(self, padded: int, processed: int, kv_usage: float) -> None:
+    def on_step(
+        self, padded: int, processed: int, kv_usage: float, slot_waste: float
+    ) -> None:
+        """Record a step: decode-attention padding, KV usage and unused slots."""
         with self._lock:
             self.steps += 1
             self.padded += padded
             self.processed += processed
-            self.peak_kv_usage = max(self.peak_kv_usage, kv_usage)
+            if kv_usage >= self.peak_kv_usage:
+                self.peak_kv_usage = kv_usage
+                self.slot_waste_at_peak = slot_waste
 
-    def latency(self) -> dict[str, dict[str, float | None]]:
+    def snapshot(self, **sections: dict[str, Any]) -> MetricsSnapshot:
+        """Everything recorded so far, plus the sections the engine adds
+        (``kv_cache``, ``scheduler``, ``memory``, ``engine``, ``cache``)."""
+        elapsed = max(time.monotonic() - self.start_time, 1e-9)
         with self._lock:
-            copies = {k: list(v) for k, v in self.samples.items()}
-        return {k: percentiles(v) for k, v in copies.items()}
+            counts = dict(self.counts)
+            tokens = dict(self.tokens)
+            tenants = {k: dict(v) for k, v in self.tenants.items()}
+            samples = {k: list(v) for k, v in self.samples.items()}
+            scheduler = {
+                "steps": self.steps,
+                "padding_waste": self.padded / self.processed
+                if self.processed
+                else 0.0,
+            }
+            kv = {
+                "peak_usage": self.peak_kv_usage,
+                "slot_waste_at_peak": self.slot_waste_at_peak,
+            }
+            cost = self.cost
+        done = counts["completed"] + counts["aborted"] + counts["errored"]
+        snap = MetricsSnapshot(
+            requests={**counts, "in_flight": counts["submitted"] - done},
+            tokens=tokens,
+            latency_s={k: percentiles(v) for k, v in samples.items()},
+            throughput={
+                "generated_tokens_per_s": tokens["completion"] / elapsed,
+                "total_tokens_per_s": (tokens["completion"] + tokens["prompt"])
+                / elapsed,
+                "uptime_s": elapsed,
+            },
+            kv_cache=kv,
+            scheduler=scheduler,
+            cost={"total": cost},
+            tenants=tenants,
+        )
+        for name, values in sections.items():
+            getattr(snap, name).update(values)
+        return snap

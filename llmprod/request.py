@@ -41,6 +41,8 @@ class Request:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     num_preemptions: int = 0
+    compute_s: float = 0.0
+    """This request's share of the model time of the steps it ran in."""
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
