@@ -44,6 +44,8 @@ class TokenLogprob:
     logprob: float
     top: dict[int, float] = field(default_factory=dict)
     """Top alternatives: token id -> log-probability (raw model distribution)."""
+    entropy: float | None = None
+    """Entropy (nats) of the model's distribution at this position."""
 
 
 @dataclass(slots=True)
