@@ -54,7 +54,7 @@ class Sampler:
         logprobs: list[TokenLogprob | None] = [None] * len(requests)
         if any(p.logprobs is not None for p in params):
             lp = torch.log_softmax(raw, dim=-1)
-            entropy = -(lp.exp() * lp).sum(dim=-1).tolist()
+            entropy = (-(lp.exp() * lp).sum(dim=-1)).tolist()
             for i, p in enumerate(params):
                 if p.logprobs is not None:
                     logprobs[i] = make_logprob(lp[i], token_ids[i], p.logprobs)
