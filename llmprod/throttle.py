@@ -1,0 +1,821 @@
+"""Per-tenant limits (:class:`Throttle`) and fair queueing across tenants (:class:`FairQueue`).
+
+A :class:`Throttle` admits a request for a tenant or refuses it with
+:class:`~llmprod.errors.RateLimitedError` and the time after which the same request
+would pass. Four limits, each optional, per tenant:
+
+- ``requests_per_second``: a token bucket of requests, refilled continuously at
+  that rate, holding at most ``max_request_burst`` (default: one second's worth,
+  at least 1).
+- ``tokens_per_minute``: a token bucket of LLM tokens, refilled at
+  ``tokens_per_minute / 60`` per second, holding at most one minute's worth. A
+  request takes its estimate (prompt tokens + ``max_tokens``) at admission; the
+  unused part is given back when its :class:`Ticket` is released.
+- ``max_concurrent``: requests admitted and not yet released.
+- ``budget``: spend, charged at release. Over the throttle's lifetime, or per
+  fixed window of ``budget_period_s`` seconds when that is set.
+
+Refusals are all-or-nothing: a refused request takes nothing from any bucket.
+
+``retry_after`` is exact for the two rate limits and for a budget window (the
+buckets refill deterministically). For ``max_concurrent`` (and for a budget held
+by requests still in flight) it is an estimate: the mean hold time of the tenant's
+recent tickets less the age of its oldest ticket in flight, at least
+:data:`MIN_RETRY_AFTER_S`; before any ticket was released, the age of the oldest
+ticket in flight. A budget spent with no window gives ``retry_after = inf``.
+
+A :class:`FairQueue` is the scheduler's waiting queue with fairness across
+tenants: start-time fair queueing, weighted, with an age bound. It imports without
+torch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Generic, TypeVar
+
+from llmprod.errors import InvalidRequestError, RateLimitedError
+
+LIMIT_NAMES = ("requests_per_second", "tokens_per_minute", "max_concurrent", "budget")
+"""The limit names a :class:`RateLimitedError` carries in ``limit``."""
+
+MIN_RETRY_AFTER_S = 0.01
+"""Floor of an estimated ``retry_after`` (``max_concurrent``, in-flight budget)."""
+
+_HOLD_EWMA_ALPHA = 0.2
+"""Weight of the newest hold time in the running mean behind the estimates."""
+
+_EPS = 1e-9
+"""Slack on bucket levels, so float rounding after an exact wait cannot refuse."""
+
+
+# ---------------------------------------------------------------------- limits
+@dataclass(frozen=True, slots=True)
+class TenantLimits:
+    """Limits of one tenant. ``None`` means no limit of that kind."""
+
+    requests_per_second: float | None = None
+    """Sustained request rate (> 0)."""
+    tokens_per_minute: int | None = None
+    """Prompt + ``max_tokens`` per minute (>= 1); unused tokens are given back."""
+    max_concurrent: int | None = None
+    """Requests in flight at once (>= 1)."""
+    budget: float | None = None
+    """Most spend (>= 0), in the currency of the engine's price table."""
+    max_request_burst: int | None = None
+    """Requests allowed at once after a quiet spell; default
+    ``max(1, ceil(requests_per_second))``. Needs ``requests_per_second``."""
+    budget_period_s: float | None = None
+    """When set, the budget applies per fixed window of this many seconds (counted
+    from the tenant's first request); otherwise over the throttle's lifetime."""
+
+    def __post_init__(self) -> None:
+        rps = self.requests_per_second
+        if rps is not None and not (_is_number(rps) and 0 < rps < math.inf):
+            raise ValueError(f"requests_per_second={rps!r} must be a finite number > 0")
+        tpm = self.tokens_per_minute
+        if tpm is not None and not (_is_int(tpm) and tpm >= 1):
+            raise ValueError(f"tokens_per_minute={tpm!r} must be an int >= 1")
+        mc = self.max_concurrent
+        if mc is not None and not (_is_int(mc) and mc >= 1):
+            raise ValueError(f"max_concurrent={mc!r} must be an int >= 1")
+        b = self.budget
+        if b is not None and not (_is_number(b) and 0 <= b < math.inf):
+            raise ValueError(f"budget={b!r} must be a finite number >= 0")
+        burst = self.max_request_burst
+        if burst is not None:
+            if not (_is_int(burst) and burst >= 1):
+                raise ValueError(f"max_request_burst={burst!r} must be an int >= 1")
+            if rps is None:
+                raise ValueError(
+                    f"max_request_burst={burst} needs requests_per_second (it is None)"
+                )
+        p = self.budget_period_s
+        if p is not None:
+            if not (_is_number(p) and 0 < p < math.inf):
+                raise ValueError(f"budget_period_s={p!r} must be a finite number > 0")
+            if b is None:
+                raise ValueError(f"budget_period_s={p} needs a budget (it is None)")
+
+    @property
+    def request_burst(self) -> float:
+        """Capacity of the request bucket (``inf`` without a request rate)."""
+        if self.requests_per_second is None:
+            return math.inf
+        if self.max_request_burst is not None:
+            return float(self.max_request_burst)
+        return float(max(1, math.ceil(self.requests_per_second)))
+
+
+UNLIMITED = TenantLimits()
+"""No limit of any kind."""
+
+
+# ---------------------------------------------------------------------- tickets
+class Ticket:
+    """An admitted request. Release it exactly when the request ends (any way).
+
+    Attributes:
+        tenant: who was admitted.
+        tokens: the tokens taken from the tenant's per-minute bucket.
+        estimated_cost: the spend held against the budget until release.
+        admitted_at: the throttle clock's time of admission.
+    """
+
+    __slots__ = (
+        "_released",
+        "_serial",
+        "_throttle",
+        "admitted_at",
+        "estimated_cost",
+        "tenant",
+        "tokens",
+    )
+
+    def __init__(
+        self,
+        throttle: Throttle,
+        tenant: str,
+        tokens: int,
+        estimated_cost: float,
+        admitted_at: float,
+        serial: int,
+    ) -> None:
+        self._throttle = throttle
+        self._serial = serial
+        self._released = False
+        self.tenant = tenant
+        self.tokens = tokens
+        self.estimated_cost = estimated_cost
+        self.admitted_at = admitted_at
+
+    @property
+    def is_released(self) -> bool:
+        return self._released
+
+    def release(self, tokens_used: int, cost: float = 0.0) -> None:
+        """Give back the concurrency slot and the unused tokens; charge the spend.
+
+        A second call does nothing.
+
+        Args:
+            tokens_used: tokens the request really took (prompt + generated; 0
+                for a response-cache hit). More than :attr:`tokens` is charged
+                too: the bucket goes below zero and refills from there.
+            cost: what the request cost (charged to the budget).
+
+        Raises:
+            ValueError: a negative ``tokens_used`` or ``cost``.
+        """
+        if not (_is_int(tokens_used) and tokens_used >= 0):
+            raise ValueError(f"tokens_used={tokens_used!r} must be an int >= 0")
+        if not (_is_number(cost) and 0 <= cost < math.inf):
+            raise ValueError(f"cost={cost!r} must be a finite number >= 0")
+        self._throttle._release(self, tokens_used, float(cost))
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else "held"
+        return f"Ticket(tenant={self.tenant!r}, tokens={self.tokens}, {state})"
+
+
+@dataclass(slots=True, eq=False)
+class _TenantState:
+    limits: TenantLimits
+    created_at: float
+    last_refill: float
+    request_level: float
+    token_level: float
+    in_flight: dict[int, float] = field(default_factory=dict)
+    """Ticket serial -> admission time, in admission order (a dropped ticket
+    still holds its slot: release it)."""
+    reserved_cost: float = 0.0
+    spend: float = 0.0
+    period_index: int = 0
+    period_spend: float = 0.0
+    hold_mean_s: float | None = None
+    num_admitted: int = 0
+    num_tokens_used: int = 0
+    rejected: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(LIMIT_NAMES, 0)
+    )
+
+    def refill(self, now: float) -> None:
+        dt = max(now - self.last_refill, 0.0)
+        self.last_refill = max(now, self.last_refill)
+        lim = self.limits
+        if lim.requests_per_second is not None:
+            self.request_level = min(
+                lim.request_burst, self.request_level + dt * lim.requests_per_second
+            )
+        if lim.tokens_per_minute is not None:
+            self.token_level = min(
+                float(lim.tokens_per_minute),
+                self.token_level + dt * lim.tokens_per_minute / 60.0,
+            )
+        if lim.budget_period_s is not None:
+            index = int((now - self.created_at) // lim.budget_period_s)
+            if index != self.period_index:
+                self.period_index = index
+                self.period_spend = 0.0
+
+    def budget_spent(self) -> float:
+        return (
+            self.period_spend if self.limits.budget_period_s is not None else self.spend
+        )
+
+    def in_flight_retry(self, now: float) -> float:
+        """Estimated seconds until one of the tenant's tickets is released."""
+        if not self.in_flight:
+            return MIN_RETRY_AFTER_S
+        oldest_age = now - next(iter(self.in_flight.values()))
+        if self.hold_mean_s is None:
+            return max(oldest_age, MIN_RETRY_AFTER_S)
+        return max(self.hold_mean_s - oldest_age, MIN_RETRY_AFTER_S)
+
+
+# ---------------------------------------------------------------------- throttle
+class Throttle:
+    """Per-tenant rate, concurrency and spend limits. Thread-safe.
+
+    Each tenant has its own buckets and counters: a tenant without an entry in
+    ``limits`` gets ``default`` (its own copy of the limits, not a shared pool),
+    or no limit at all when ``default`` is ``None``.
+
+    >>> limits = {"a": TenantLimits(requests_per_second=2)}
+    >>> throttle = Throttle(limits, clock=lambda: 0.0)
+    >>> first, second = throttle.admit("a", 10), throttle.admit("a", 10)
+    >>> try:
+    ...     throttle.admit("a", 10)
+    ... except RateLimitedError as exc:
+    ...     print(exc.limit, exc.retry_after)
+    requests_per_second 0.5
+
+    Args:
+        limits: tenant -> limits.
+        default: limits of every other tenant (``None``: unlimited).
+        clock: monotonic seconds; inject a fake one for deterministic tests.
+        sleep: for tests with a fake clock: called with the seconds to wait (and
+            no lock held) instead of waiting on a condition variable. A waiting
+            caller then wakes only when that time has passed.
+    """
+
+    def __init__(
+        self,
+        limits: Mapping[str, TenantLimits] | None = None,
+        default: TenantLimits | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] | None = None,
+    ) -> None:
+        self._limits: dict[str, TenantLimits] = dict(limits or {})
+        for tenant, lim in self._limits.items():
+            if not isinstance(lim, TenantLimits):
+                raise ValueError(
+                    f"limits[{tenant!r}] must be TenantLimits, got {type(lim).__name__}"
+                )
+        if default is not None and not isinstance(default, TenantLimits):
+            raise ValueError(
+                f"default must be TenantLimits, got {type(default).__name__}"
+            )
+        self._default = default or UNLIMITED
+        self._clock = clock
+        self._sleep = sleep
+        self._cond = threading.Condition(threading.Lock())
+        self._tenants: dict[str, _TenantState] = {}
+        self._serials = itertools.count()
+
+    # -- configuration -----------------------------------------------------------
+    def limits_for(self, tenant: str) -> TenantLimits:
+        """The limits in force for ``tenant``."""
+        with self._cond:
+            return self._limits.get(tenant, self._default)
+
+    def set_limits(self, tenant: str, limits: TenantLimits | None) -> None:
+        """Change a tenant's limits (``None``: back to the default). Usage so far is
+        kept; buckets keep their level, capped at the new capacity."""
+        with self._cond:
+            if limits is None:
+                self._limits.pop(tenant, None)
+            else:
+                self._limits[tenant] = limits
+            st = self._tenants.get(tenant)
+            if st is not None:
+                now = self._clock()
+                st.refill(now)
+                new = self._limits.get(tenant, self._default)
+                st.limits = new
+                st.request_level = min(st.request_level, new.request_burst)
+                if new.tokens_per_minute is not None:
+                    st.token_level = min(st.token_level, float(new.tokens_per_minute))
+                else:
+                    st.token_level = math.inf
+                if new.requests_per_second is None:
+                    st.request_level = math.inf
+            self._cond.notify_all()
+
+    # -- admission ---------------------------------------------------------------
+    def admit(
+        self,
+        tenant: str,
+        tokens: int,
+        wait_timeout: float | None = None,
+        *,
+        estimated_cost: float = 0.0,
+    ) -> Ticket:
+        """Admit one request of ``tenant`` or refuse it.
+
+        Args:
+            tenant: who asks.
+            tokens: the request's token estimate: prompt tokens + ``max_tokens``.
+            wait_timeout: ``None`` refuses at once; otherwise wait (sleeping, other
+                threads go on) up to this many seconds for the limits to allow
+                the request, then refuse. A refusal that waiting cannot cure
+                (``retry_after`` longer than the time left) comes at once.
+            estimated_cost: spend held against the budget while the request is in
+                flight (e.g. the price of prompt + ``max_tokens``), so that
+                concurrent requests cannot overrun the budget by more than their
+                estimates understate.
+
+        Returns:
+            A :class:`Ticket`; release it when the request ends.
+
+        Raises:
+            RateLimitedError: over a limit (``limit`` names it; ``retry_after`` is
+                the wait after which the same request would pass, see the module
+                docstring).
+            InvalidRequestError: ``tokens`` exceeds the tenant's whole per-minute
+                allowance, so no wait would ever admit it.
+            ValueError: a negative ``tokens``, ``wait_timeout`` or
+                ``estimated_cost``.
+        """
+        if not (_is_int(tokens) and tokens >= 0):
+            raise ValueError(f"tokens={tokens!r} must be an int >= 0")
+        if wait_timeout is not None and not (
+            _is_number(wait_timeout) and wait_timeout >= 0
+        ):
+            raise ValueError(f"wait_timeout={wait_timeout!r} must be a number >= 0")
+        if not (_is_number(estimated_cost) and 0 <= estimated_cost < math.inf):
+            raise ValueError(f"estimated_cost={estimated_cost!r} must be a number >= 0")
+        with self._cond:
+            now = self._clock()
+            deadline = None if wait_timeout is None else now + wait_timeout
+            st = self._state(tenant, now)
+            tpm = st.limits.tokens_per_minute
+            if tpm is not None and tokens > tpm:
+                raise InvalidRequestError(
+                    f"the request needs {tokens} tokens (prompt + max_tokens) but "
+                    f"tenant {tenant!r} has tokens_per_minute={tpm}",
+                    "max_tokens",
+                )
+            while True:
+                st.refill(now)
+                refusal = self._check(st, tokens, estimated_cost, now)
+                if refusal is None:
+                    return self._take(st, tenant, tokens, estimated_cost, now)
+                limit, retry_after, timed = refusal
+                left = None if deadline is None else deadline - now
+                if left is None or left <= 0 or (timed and retry_after > left):
+                    st.rejected[limit] += 1
+                    raise RateLimitedError(
+                        f"tenant {tenant!r} is over its {limit} limit "
+                        f"({_describe(st.limits, limit)}); retry after "
+                        f"{retry_after:.3f}s",
+                        retry_after,
+                        tenant,
+                        limit,
+                    )
+                # Timed limits: sleep until they allow it. Event-driven ones
+                # (a slot or budget held in flight): wait for a release.
+                self._wait(min(retry_after, left) if timed else left)
+                now = self._clock()
+                st = self._state(tenant, now)
+
+    def _check(
+        self, st: _TenantState, tokens: int, estimated_cost: float, now: float
+    ) -> tuple[str, float, bool] | None:
+        """None if the request passes; else (limit, retry_after, is_timed) of the
+        limit that takes longest to clear. ``is_timed``: the wait is known."""
+        lim = st.limits
+        refusals: list[tuple[str, float, bool]] = []
+        if lim.max_concurrent is not None and len(st.in_flight) >= lim.max_concurrent:
+            refusals.append(("max_concurrent", st.in_flight_retry(now), False))
+        if lim.budget is not None:
+            spent = st.budget_spent()
+            if spent >= lim.budget or spent + estimated_cost > lim.budget:
+                if lim.budget_period_s is None or estimated_cost > lim.budget:
+                    refusals.append(("budget", math.inf, True))
+                else:
+                    end = st.created_at + (st.period_index + 1) * lim.budget_period_s
+                    refusals.append(("budget", max(end - now, 0.0), True))
+            elif spent + st.reserved_cost + estimated_cost > lim.budget:
+                refusals.append(("budget", st.in_flight_retry(now), False))
+        if lim.requests_per_second is not None and st.request_level < 1.0 - _EPS:
+            wait = (1.0 - st.request_level) / lim.requests_per_second
+            refusals.append(("requests_per_second", wait, True))
+        if lim.tokens_per_minute is not None and st.token_level < tokens - _EPS:
+            wait = (tokens - st.token_level) * 60.0 / lim.tokens_per_minute
+            refusals.append(("tokens_per_minute", wait, True))
+        if not refusals:
+            return None
+        return max(refusals, key=lambda r: r[1])
+
+    def _take(
+        self,
+        st: _TenantState,
+        tenant: str,
+        tokens: int,
+        estimated_cost: float,
+        now: float,
+    ) -> Ticket:
+        if st.limits.requests_per_second is not None:
+            st.request_level -= 1.0
+        if st.limits.tokens_per_minute is not None:
+            st.token_level -= tokens
+        st.reserved_cost += estimated_cost
+        st.num_admitted += 1
+        ticket = Ticket(self, tenant, tokens, estimated_cost, now, next(self._serials))
+        st.in_flight[ticket._serial] = now
+        return ticket
+
+    def _wait(self, seconds: float) -> None:
+        seconds = min(max(seconds, 0.0), threading.TIMEOUT_MAX)
+        if self._sleep is None:
+            self._cond.wait(seconds)
+            return
+        self._cond.release()
+        try:
+            self._sleep(seconds)
+        finally:
+            self._cond.acquire()
+
+    def _release(self, ticket: Ticket, tokens_used: int, cost: float) -> None:
+        with self._cond:
+            if ticket._released:
+                return
+            ticket._released = True
+            now = self._clock()
+            st = self._state(ticket.tenant, now)
+            st.refill(now)
+            st.in_flight.pop(ticket._serial, None)
+            hold = max(now - ticket.admitted_at, 0.0)
+            st.hold_mean_s = (
+                hold
+                if st.hold_mean_s is None
+                else (1 - _HOLD_EWMA_ALPHA) * st.hold_mean_s + _HOLD_EWMA_ALPHA * hold
+            )
+            if st.limits.tokens_per_minute is not None:
+                st.token_level = min(
+                    float(st.limits.tokens_per_minute),
+                    st.token_level + ticket.tokens - tokens_used,
+                )
+            st.reserved_cost = max(st.reserved_cost - ticket.estimated_cost, 0.0)
+            st.spend += cost
+            st.period_spend += cost
+            st.num_tokens_used += tokens_used
+            self._cond.notify_all()
+
+    def _state(self, tenant: str, now: float) -> _TenantState:
+        st = self._tenants.get(tenant)
+        if st is None:
+            lim = self._limits.get(tenant, self._default)
+            st = _TenantState(
+                limits=lim,
+                created_at=now,
+                last_refill=now,
+                request_level=lim.request_burst,
+                token_level=math.inf
+                if lim.tokens_per_minute is None
+                else float(lim.tokens_per_minute),
+            )
+            self._tenants[tenant] = st
+        return st
+
+    # -- reporting ---------------------------------------------------------------
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Usage per tenant seen so far, as plain values.
+
+        Returns:
+            tenant -> ``admitted`` (requests let in), ``in_flight``,
+            ``tokens_used`` (as released), ``spend`` (lifetime), ``budget_left``
+            (``None`` without a budget; per window when windowed) and
+            ``rejected`` (limit name -> refusals).
+        """
+        with self._cond:
+            now = self._clock()
+            out: dict[str, dict[str, Any]] = {}
+            for tenant, st in self._tenants.items():
+                st.refill(now)
+                budget = st.limits.budget
+                out[tenant] = {
+                    "admitted": st.num_admitted,
+                    "in_flight": len(st.in_flight),
+                    "tokens_used": st.num_tokens_used,
+                    "spend": st.spend,
+                    "budget_left": None
+                    if budget is None
+                    else max(budget - st.budget_spent(), 0.0),
+                    "rejected": dict(st.rejected),
+                }
+            return out
+
+
+def _describe(lim: TenantLimits, limit: str) -> str:
+    if limit == "budget" and lim.budget_period_s is not None:
+        return f"budget={lim.budget} per {lim.budget_period_s}s"
+    return f"{limit}={getattr(lim, limit)}"
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# ---------------------------------------------------------------------- fair queue
+T = TypeVar("T")
+
+
+@dataclass(slots=True, eq=False)
+class _Entry(Generic[T]):
+    item: T
+    tenant: str
+    arrival: float
+    seq: int
+
+
+class FairQueue(Generic[T]):
+    """A waiting queue that shares turns across tenants; a drop-in for the
+    ``collections.deque`` a scheduler keeps its waiting requests in.
+
+    Pop order:
+
+    1. Items put back with :meth:`appendleft` (preempted requests), newest first,
+       as a deque does.
+    2. When ``max_wait_s`` is set: the oldest item (by arrival time) if it has
+       waited longer than that, whatever its tenant.
+    3. Otherwise, start-time fair queueing: each tenant with items waiting has a
+       virtual start tag; the tenant with the smallest tag gives its oldest
+       item, and its tag grows by ``1 / weight``. A tenant that was idle comes
+       back at the current virtual time, so idling earns no credit. With equal
+       weights this is round-robin; weight 2 gets two turns per turn of weight 1.
+       Ties go to the older item.
+
+    Within a tenant, items leave in the order they were appended. :meth:`peek`
+    (and ``queue[0]``) returns the item :meth:`popleft` removes next, as long as
+    nothing is added or removed in between.
+
+    >>> q = FairQueue(clock=lambda: 0.0)
+    >>> for name, tenant in [("a1", "a"), ("a2", "a"), ("a3", "a"), ("b1", "b")]:
+    ...     q.append(name, tenant, arrival_time=0.0)
+    >>> [q.popleft() for _ in range(len(q))]
+    ['a1', 'b1', 'a2', 'a3']
+
+    Args:
+        weights: tenant -> weight (> 0); others get ``default_weight``.
+        default_weight: weight of tenants missing from ``weights``.
+        max_wait_s: age bound in seconds (``None``: none). Under sustained
+            overload every head is overdue and the order becomes oldest-first.
+        key: the tenant of an item, when :meth:`append` is not told; default:
+            the item's ``tenant`` attribute, or ``"default"``.
+        arrival: the arrival time of an item (the ``clock``'s time base), when
+            :meth:`append` is not told; default: its ``arrival_time`` attribute,
+            or the clock's time at append.
+        clock: monotonic seconds (the age bound reads it).
+    """
+
+    def __init__(
+        self,
+        weights: Mapping[str, float] | None = None,
+        *,
+        default_weight: float = 1.0,
+        max_wait_s: float | None = None,
+        key: Callable[[T], str] | None = None,
+        arrival: Callable[[T], float] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._inv_weights: dict[str, Fraction] = {}
+        for tenant, w in (weights or {}).items():
+            self._inv_weights[tenant] = _inverse_weight(f"weights[{tenant!r}]", w)
+        self._default_inv = _inverse_weight("default_weight", default_weight)
+        if max_wait_s is not None and not (_is_number(max_wait_s) and max_wait_s >= 0):
+            raise ValueError(f"max_wait_s={max_wait_s!r} must be a number >= 0")
+        self.max_wait_s = max_wait_s
+        self._key = key
+        self._arrival = arrival
+        self._clock = clock
+        self._seq = itertools.count()
+        self._front: deque[_Entry[T]] = deque()
+        self._queues: dict[str, deque[_Entry[T]]] = {}
+        """Tenants with items waiting, each FIFO."""
+        self._start: dict[str, Fraction] = {}
+        """Virtual start tag of each waiting tenant's head item."""
+        self._finish: dict[str, Fraction] = {}
+        """Next tag of tenants that went idle (so idling earns no credit)."""
+        self._vtime = Fraction(0)
+        self._len = 0
+        self._head: _Entry[T] | None = None
+        """The choice of the last peek, valid until the queue changes."""
+
+    # -- deque interface ---------------------------------------------------------
+    def append(
+        self, item: T, tenant: str | None = None, arrival_time: float | None = None
+    ) -> None:
+        """Add an item at the back of its tenant's line.
+
+        Args:
+            item: the item (e.g. a :class:`~llmprod.request.Request`).
+            tenant: its tenant; default: from ``key``.
+            arrival_time: when it arrived (clock seconds); default: from
+                ``arrival``.
+        """
+        if tenant is None:
+            tenant = self._tenant_of(item)
+        if arrival_time is None:
+            arrival_time = self._arrival_of(item)
+        entry = _Entry(item, tenant, float(arrival_time), next(self._seq))
+        q = self._queues.get(tenant)
+        if q is None:
+            q = self._queues[tenant] = deque()
+            self._start[tenant] = max(
+                self._vtime, self._finish.pop(tenant, self._vtime)
+            )
+        q.append(entry)
+        self._len += 1
+        self._head = None
+
+    def appendleft(self, item: T) -> None:
+        """Put an item at the very front (a preempted request): it goes next."""
+        entry = _Entry(item, "", 0.0, next(self._seq))
+        self._front.appendleft(entry)
+        self._len += 1
+        self._head = None
+
+    def peek(self) -> T:
+        """The item :meth:`popleft` would return.
+
+        Raises:
+            IndexError: the queue is empty.
+        """
+        if self._head is None:
+            self._head = self._choose()
+        return self._head.item
+
+    def popleft(self) -> T:
+        """Remove and return the next item (see the class docstring for the order).
+
+        Raises:
+            IndexError: the queue is empty.
+        """
+        entry = self._head if self._head is not None else self._choose()
+        self._head = None
+        if self._front and self._front[0] is entry:
+            self._front.popleft()
+            self._len -= 1
+            return entry.item
+        tenant = entry.tenant
+        q = self._queues[tenant]
+        assert q[0] is entry  # only a tenant's oldest item is ever chosen
+        q.popleft()
+        self._len -= 1
+        tag = self._start[tenant]
+        if tag <= self._min_start():  # a fair turn (not an overdue jump)
+            self._vtime = max(self._vtime, tag)
+        nxt = tag + self._inv_weights.get(tenant, self._default_inv)
+        if q:
+            self._start[tenant] = nxt
+        else:
+            self._deactivate(tenant, nxt)
+        return entry.item
+
+    def remove(self, item: T) -> None:
+        """Remove the first occurrence of ``item`` (compared with ``==``).
+
+        Raises:
+            ValueError: the item is not in the queue.
+        """
+        for i, entry in enumerate(self._front):
+            if entry.item == item:
+                del self._front[i]
+                self._len -= 1
+                self._head = None
+                return
+        for tenant in self._lookup_order(item):
+            q = self._queues[tenant]
+            for i, entry in enumerate(q):
+                if entry.item == item:
+                    del q[i]
+                    self._len -= 1
+                    self._head = None
+                    if not q:  # removed unserved: keep its tag, earn nothing
+                        self._deactivate(tenant, self._start[tenant])
+                    return
+        raise ValueError("FairQueue.remove(x): x not in queue")
+
+    def __contains__(self, item: object) -> bool:
+        if any(entry.item == item for entry in self._front):
+            return True
+        return any(
+            entry.item == item
+            for tenant in self._lookup_order(item)
+            for entry in self._queues[tenant]
+        )
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __bool__(self) -> bool:
+        return self._len > 0
+
+    def __iter__(self) -> Iterator[T]:
+        """Items in pop order as of now (simulated on a copy; O(n x tenants))."""
+        sim: FairQueue[T] = FairQueue.__new__(FairQueue)
+        sim.__dict__.update(self.__dict__)
+        sim._front = deque(self._front)
+        sim._queues = {t: deque(q) for t, q in self._queues.items()}
+        sim._start = dict(self._start)
+        sim._finish = dict(self._finish)
+        sim._head = self._head
+        now = self._clock()
+        sim._clock = lambda: now
+        while sim:
+            yield sim.popleft()
+
+    def __getitem__(self, index: int) -> T:
+        """``queue[0]`` is :meth:`peek`; other indexes follow the pop order."""
+        if index == 0:
+            return self.peek()
+        items = list(self)
+        return items[index]
+
+    def __repr__(self) -> str:
+        waiting = {t: len(q) for t, q in self._queues.items()}
+        return f"FairQueue(front={len(self._front)}, waiting={waiting})"
+
+    # -- reporting ---------------------------------------------------------------
+    def num_waiting(self) -> dict[str, int]:
+        """Tenant -> items waiting in its line (items put back at the front are
+        not counted)."""
+        return {t: len(q) for t, q in self._queues.items()}
+
+    # -- internals ---------------------------------------------------------------
+    def _choose(self) -> _Entry[T]:
+        if self._front:
+            return self._front[0]
+        if not self._queues:
+            raise IndexError("pop from an empty FairQueue")
+        heads = [q[0] for q in self._queues.values()]
+        if self.max_wait_s is not None:
+            oldest = min(heads, key=lambda e: (e.arrival, e.seq))
+            if self._clock() - oldest.arrival > self.max_wait_s:
+                return oldest
+        return min(heads, key=lambda e: (self._start[e.tenant], e.arrival, e.seq))
+
+    def _min_start(self) -> Fraction:
+        return min(self._start.values(), default=self._vtime)
+
+    def _deactivate(self, tenant: str, next_tag: Fraction) -> None:
+        del self._queues[tenant]
+        del self._start[tenant]
+        if next_tag > self._vtime:
+            self._finish[tenant] = next_tag
+        # Tags at or below the virtual time no longer matter: forget them.
+        if len(self._finish) > 2 * len(self._queues) + 64:
+            self._finish = {t: f for t, f in self._finish.items() if f > self._vtime}
+
+    def _lookup_order(self, item: object) -> list[str]:
+        """Waiting tenants to search for ``item``: its own tenant first."""
+        try:
+            tenant = self._tenant_of(item)  # type: ignore[arg-type]
+        except Exception:
+            tenant = None
+        order = list(self._queues)
+        if tenant in self._queues:
+            order.remove(tenant)
+            order.insert(0, tenant)
+        return order
+
+    def _tenant_of(self, item: T) -> str:
+        if self._key is not None:
+            return self._key(item)
+        return str(getattr(item, "tenant", "default"))
+
+    def _arrival_of(self, item: T) -> float:
+        if self._arrival is not None:
+            return float(self._arrival(item))
+        value = getattr(item, "arrival_time", None)
+        return self._clock() if value is None else float(value)
+
+
+def _inverse_weight(name: str, weight: Any) -> Fraction:
+    if not (_is_number(weight) and 0 < weight < math.inf):
+        raise ValueError(f"{name}={weight!r} must be a finite number > 0")
+    return 1 / Fraction(weight)
