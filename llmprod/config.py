@@ -119,8 +119,15 @@ class EngineConfig:
     """"auto" (Triton on CUDA, torch on CPU), "torch" or "triton"."""
     quantization: str | None = None
     """None, "int8" (best measured path), "int8-wo" or "int8-bnb"."""
-    cache: str | None = None
-    """Response-cache URL (e.g. "memory://", "redis://127.0.0.1:6379/0")."""
+    cache: Any = None
+    """Exact response cache: a URL ("memory://", "redis://127.0.0.1:6379/0",
+    "diskcache:///dir", "s3://bucket/prefix"), a backend or a TieredCache."""
+    semantic_cache: Any = None
+    """Semantic response cache (MiniLM similarity): a URL, backend or TieredCache."""
+    semantic_threshold: float | None = None
+    """Cosine similarity of a semantic hit (default 0.90, see docs/caching.md)."""
+    cache_ttl: float | None = None
+    """Lifetime of cached answers in seconds (None: until evicted)."""
     seed: int = 0
     """Seed of the engine's generator for requests without their own seed."""
     num_threads: int | None = None

@@ -26,6 +26,7 @@ import torch
 
 from llmprod import inputs
 from llmprod.attention import get_attention_backend
+from llmprod.cache.answers import AnswerCaches, conversation_text
 from llmprod.config import EngineConfig
 from llmprod.detokenizer import IncrementalDetokenizer
 from llmprod.errors import (
@@ -88,6 +89,7 @@ class Engine:
         model_path: Path,
         config: EngineConfig,
         model_name: str,
+        quantization: str | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -104,7 +106,18 @@ class Engine:
         self.block_size = cc.block_size
         self.num_blocks = ModelRunner.num_blocks_for(model, cc, self.dtype)
         self.backend = get_attention_backend(config.attention_backend, self.device)
-        self.quantization: str | None = None
+        self.quantization = quantization
+        self.answers: AnswerCaches | None = None
+        if config.cache is not None or config.semantic_cache is not None:
+            self.answers = AnswerCaches(
+                config.cache,
+                config.semantic_cache,
+                model_path,
+                str(self.dtype).removeprefix("torch."),
+                quantization,
+                config.semantic_threshold,
+                config.cache_ttl,
+            )
         self.kv = KVCacheManager(
             self.num_blocks, self.block_size, cc.enable_prefix_caching
         )
@@ -173,9 +186,7 @@ class Engine:
         if config.quantization is not None:
             quant = _quantize(nn_model, config.quantization, path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        engine = cls(nn_model, tokenizer, hf_config, path, config, str(model))
-        engine.quantization = quant
-        return engine
+        return cls(nn_model, tokenizer, hf_config, path, config, str(model), quant)
 
     # ------------------------------------------------------------------ public API
     def generate(
@@ -246,10 +257,9 @@ class Engine:
         """
         single = inputs.is_conversation(messages)
         convs = [messages] if single else list(messages)
-        if not convs:
-            raise InvalidRequestError("messages is empty", "messages")
-        prompts = [self.render_chat(c) for c in convs]  # type: ignore[arg-type]
-        outs = self.generate(prompts, params, **kwargs)
+        for conv in convs:
+            inputs.check_messages(conv)  # type: ignore[arg-type]
+        outs = self.generate(convs, params, **kwargs)  # type: ignore[arg-type]
         return outs[0] if single else outs
 
     def stream(
@@ -262,9 +272,7 @@ class Engine:
         """Yield :class:`Delta` pieces as they are produced; the last one carries
         ``finish_reason`` and the full ``completion``. Stopping the iteration
         early aborts the request."""
-        req = self._make_request(
-            self._prompt_of(prompt), params or SamplingParams(), tenant
-        )
+        req = self._make_request(prompt, params or SamplingParams(), tenant)
         q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         h = self._submit(req, q.put, True)
         return self._iter_stream(h, q)
@@ -326,9 +334,7 @@ class Engine:
     ) -> AsyncIterator[Delta]:
         """Async :meth:`stream`. Closing the iterator or cancelling the consuming
         task aborts the request."""
-        req = self._make_request(
-            self._prompt_of(prompt), params or SamplingParams(), tenant
-        )
+        req = self._make_request(prompt, params or SamplingParams(), tenant)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -382,6 +388,7 @@ class Engine:
                 "evictions": kv.pool.num_evictions,
             },
             scheduler={"preemptions": self.scheduler.num_preemptions},
+            cache=self.answers.stats() if self.answers is not None else {},
             memory=mem,
             engine={
                 "model": self.model_name,
@@ -406,6 +413,8 @@ class Engine:
         self._wakeup.set()
         if self._thread is not threading.current_thread():
             self._thread.join()
+        if self.answers is not None:
+            self.answers.close()
         self.runner.kv_caches = []
         self.runner.model = None  # type: ignore[assignment]
         self.model = None  # type: ignore[assignment]
@@ -437,11 +446,6 @@ class Engine:
         )
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def _prompt_of(self, prompt: Prompt | Sequence[Message]) -> Prompt:
-        if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
-            return self.render_chat(prompt)  # type: ignore[arg-type]
-        return prompt  # type: ignore[return-value]
-
     def _prepare(
         self,
         prompts: Prompt | Sequence[Prompt],
@@ -467,17 +471,24 @@ class Engine:
         return out
 
     def _make_request(
-        self, prompt: Prompt, params: SamplingParams, tenant: str
+        self, prompt: Prompt | Sequence[Message], params: SamplingParams, tenant: str
     ) -> Request:
-        """Validate and tokenize one prompt (errors raise in the caller's thread)."""
+        """Validate and tokenize one prompt or conversation (errors raise in the
+        caller's thread)."""
         if self._closed:
             raise EngineClosedError("the engine is closed")
-        ids = inputs.prompt_token_ids(prompt, self.tokenizer, self.vocab_size)
+        text = context = None
+        if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
+            ids = self.render_chat(prompt)  # type: ignore[arg-type]
+            text, context = conversation_text(list(prompt))  # type: ignore[arg-type]
+        else:
+            ids = inputs.prompt_token_ids(prompt, self.tokenizer, self.vocab_size)  # type: ignore[arg-type]
+            text = prompt if isinstance(prompt, str) else None
         inputs.check_lengths(
             len(ids), params, self.max_model_len, self.num_blocks, self.block_size
         )
         rid = f"req-{self._id_prefix}-{next(self._ids)}"
-        return Request(rid, ids, params, tenant=tenant)
+        return Request(rid, ids, params, tenant=tenant, text=text, context=context)
 
     def _submit(
         self, req: Request, sink: Callable[[Any], None], streaming: bool
@@ -487,13 +498,37 @@ class Engine:
             self.tokenizer, p.stop, p.include_stop_str_in_output, p.skip_special_tokens
         )
         h = _Handle(req, detok, sink, streaming)
+        cached = self.answers.lookup(req) if self.answers is not None else None
         with self._close_lock:
             if self._closed:
                 raise EngineClosedError("the engine is closed")
             self._metrics.on_submit(req.tenant)
-            self._inbox.put(("add", h))
-        self._wakeup.set()
+            if cached is None:
+                self._inbox.put(("add", h))
+        if cached is not None:  # answered without touching the model
+            self._deliver_cached(h, cached)
+        else:
+            self._wakeup.set()
         return h
+
+    def _deliver_cached(self, h: _Handle, comp: Completion) -> None:
+        h.done = True
+        req = h.request
+        self._metrics.on_finish(
+            "completed",
+            comp.usage.prompt_tokens,
+            comp.usage.completion_tokens,
+            comp.usage.cached_prompt_tokens,
+            {"queued": 0.0, "ttft": comp.timings.ttft_s, "e2e": comp.timings.e2e_s},
+            tenant=req.tenant,
+            cost=0.0,
+            cache_tier=comp.cache_hit,
+        )
+        if h.streaming:
+            h.sink(Delta(req.request_id, comp.text, list(comp.token_ids),
+                         comp.finish_reason, comp))  # fmt: skip
+        else:
+            h.sink(comp)
 
     # ------------------------------------------------------------------ step loop
     def _loop(self) -> None:
@@ -715,6 +750,8 @@ class Engine:
                 "e2e": timings.e2e_s,
             },
         )
+        if self.answers is not None and reason in ("stop", "length"):
+            self.answers.store(req, comp)
         if h.streaming:
             text = h.detok.take_delta(final=True)
             h.sink(Delta(req.request_id, text, last_token_ids or [], reason, comp))

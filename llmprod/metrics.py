@@ -85,6 +85,7 @@ class MetricsRecorder:
         self.counts = {"submitted": 0, "completed": 0, "aborted": 0, "errored": 0}
         self.tokens = {"prompt": 0, "completion": 0, "cached_prompt": 0}
         self.cost = 0.0
+        self.cache_hits: dict[str, int] = {}
         self.tenants: dict[str, dict[str, float]] = {}
         self.samples: dict[str, deque[float]] = {
             k: deque(maxlen=window) for k in ("queued", "ttft", "tpot", "e2e")
@@ -118,9 +119,13 @@ class MetricsRecorder:
         timings: dict[str, float | None],
         tenant: str = "default",
         cost: float = 0.0,
+        cache_tier: str | None = None,
     ) -> None:
-        """Record a finished request; ``outcome`` is completed, aborted or errored."""
+        """Record a finished request; ``outcome`` is completed, aborted or errored;
+        ``cache_tier`` names the response-cache tier that answered, if one did."""
         with self._lock:
+            if cache_tier is not None:
+                self.cache_hits[cache_tier] = self.cache_hits.get(cache_tier, 0) + 1
             self.counts[outcome] += 1
             self.tokens["prompt"] += prompt
             self.tokens["completion"] += completion
@@ -168,6 +173,8 @@ class MetricsRecorder:
                 "slot_waste_at_peak": self.slot_waste_at_peak,
             }
             cost = self.cost
+            hits = dict(self.cache_hits)
+            answered = counts["completed"]
         done = counts["completed"] + counts["aborted"] + counts["errored"]
         snap = MetricsSnapshot(
             requests={**counts, "in_flight": counts["submitted"] - done},
@@ -183,6 +190,10 @@ class MetricsRecorder:
             scheduler=scheduler,
             cost={"total": cost},
             tenants=tenants,
+            cache={
+                "hits": hits,
+                "hit_rate": sum(hits.values()) / answered if answered else 0.0,
+            },
         )
         for name, values in sections.items():
             getattr(snap, name).update(values)

@@ -53,6 +53,10 @@ class Request:
     """Tokens in prompt and output, kept only for the repetition penalty."""
     generator: Any = None
     """The request's own torch.Generator when it has a seed."""
+    text: str | None = None
+    """The prompt text (or a chat's last user message), for the semantic cache."""
+    context: str | None = None
+    """A chat's other messages, which a semantic hit must match exactly."""
 
     def __post_init__(self) -> None:
         if not self.token_ids:
