@@ -81,6 +81,10 @@ class SchedulerConfig:
     """Most sequences in one step."""
     max_num_batched_tokens: int = 1024
     """Token budget of one step (decodes count one each; prefills are chunked)."""
+    max_wait_s: float | None = 10.0
+    """Age bound of tenant fairness: a request waiting longer is admitted first."""
+    tenant_weights: dict[str, float] | None = None
+    """Relative shares of admission across tenants (default: equal)."""
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -134,6 +138,13 @@ class EngineConfig:
     """torch intra-op threads on CPU; None keeps torch's choice."""
     prices: Any = None
     """A :class:`llmprod.pricing.PriceTable`; None costs nothing."""
+    limits: Any = None
+    """Per-tenant limits: ``{tenant: TenantLimits}`` or a ready
+    :class:`llmprod.throttle.Throttle`; None: no limits."""
+    default_limits: Any = None
+    """:class:`llmprod.throttle.TenantLimits` for tenants not in ``limits``."""
+    guards: Any = None
+    """Safety guards run on every prompt and output (``llmprod.guards``)."""
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     """The paged KV cache."""
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)

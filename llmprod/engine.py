@@ -31,10 +31,14 @@ from llmprod.config import EngineConfig
 from llmprod.detokenizer import IncrementalDetokenizer
 from llmprod.errors import (
     EngineClosedError,
+    GuardBlockedError,
     InvalidConfigError,
     InvalidRequestError,
+    LLMProdError,
+    RateLimitedError,
     RequestFailedError,
 )
+from llmprod.guards import apply_guards
 from llmprod.inputs import Message, Prompt
 from llmprod.kv.manager import KVCacheManager
 from llmprod.metrics import (
@@ -57,6 +61,7 @@ from llmprod.request import Request
 from llmprod.runner import ModelRunner, StepResult
 from llmprod.sampling_params import SamplingParams
 from llmprod.scheduler import Scheduler, SchedulerOutput
+from llmprod.signals import logprob_signals
 
 logger = logging.getLogger("llmprod")
 
@@ -107,6 +112,9 @@ class Engine:
         self.num_blocks = ModelRunner.num_blocks_for(model, cc, self.dtype)
         self.backend = get_attention_backend(config.attention_backend, self.device)
         self.quantization = quantization
+        self.throttle = _make_throttle(config.limits, config.default_limits)
+        self.guards = list(config.guards or [])
+        self._embedder: Any = None
         self.answers: AnswerCaches | None = None
         if config.cache is not None or config.semantic_cache is not None:
             self.answers = AnswerCaches(
@@ -197,6 +205,8 @@ class Engine:
         progress: bool = False,
         tenant: str = "default",
         return_exceptions: bool = False,
+        wait_timeout: float | None = None,
+        grounding_context: str | None = None,
     ) -> list[Completion]:
         """Complete one prompt or many; one :class:`Completion` per prompt, in order.
 
@@ -209,8 +219,16 @@ class Engine:
                 the list instead of raising. Without it, bad input raises before
                 anything runs, and a request failing in the model raises after
                 the others have finished.
+            wait_timeout: over a tenant limit, wait up to this many seconds for
+                room instead of raising :class:`~llmprod.errors.RateLimited` at
+                once.
+            grounding_context: text the answers should be grounded in; each
+                completion gets ``flags["grounding"]`` (MiniLM similarity of each
+                output sentence to the context).
         """
-        prepared = self._prepare(prompts, params, tenant, return_exceptions)
+        prepared = self._prepare(
+            prompts, params, tenant, return_exceptions, wait_timeout
+        )
         results: list[Any] = [None] * len(prepared)
         done: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
         handles = []
@@ -242,7 +260,20 @@ class Engine:
             for r in results:
                 if isinstance(r, BaseException):
                     raise r
+        if grounding_context is not None:
+            self._add_grounding(results, grounding_context)
         return results
+
+    def _add_grounding(self, results: list[Any], context: str) -> None:
+        from llmprod.signals import grounding
+
+        if self._embedder is None:
+            from llmprod.embeddings import Embedder
+
+            self._embedder = Embedder()
+        for r in results:
+            if isinstance(r, Completion):
+                r.flags["grounding"] = grounding(r.text, context, self._embedder)
 
     def chat(
         self,
@@ -268,11 +299,14 @@ class Engine:
         params: SamplingParams | None = None,
         *,
         tenant: str = "default",
+        wait_timeout: float | None = None,
     ) -> Iterator[Delta]:
         """Yield :class:`Delta` pieces as they are produced; the last one carries
         ``finish_reason`` and the full ``completion``. Stopping the iteration
         early aborts the request."""
-        req = self._make_request(prompt, params or SamplingParams(), tenant)
+        req = self._make_request(
+            prompt, params or SamplingParams(), tenant, wait_timeout
+        )
         q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         h = self._submit(req, q.put, True)
         return self._iter_stream(h, q)
@@ -297,12 +331,13 @@ class Engine:
         *,
         tenant: str = "default",
         return_exceptions: bool = False,
+        wait_timeout: float | None = None,
     ) -> list[Completion]:
         """Async :meth:`generate`: waits without blocking the event loop.
 
         Cancelling the awaiting task aborts its requests.
         """
-        reqs = self._prepare(prompts, params, tenant, return_exceptions)
+        reqs = self._prepare(prompts, params, tenant, return_exceptions, wait_timeout)
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[Any]] = []
         handles = []
@@ -331,10 +366,13 @@ class Engine:
         params: SamplingParams | None = None,
         *,
         tenant: str = "default",
+        wait_timeout: float | None = None,
     ) -> AsyncIterator[Delta]:
         """Async :meth:`stream`. Closing the iterator or cancelling the consuming
         task aborts the request."""
-        req = self._make_request(prompt, params or SamplingParams(), tenant)
+        req = self._make_request(
+            prompt, params or SamplingParams(), tenant, wait_timeout
+        )
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -376,7 +414,7 @@ class Engine:
         else:
             mem = {"now_bytes": process_rss_bytes(), "peak_bytes": peak_rss_bytes()}
         queries = kv.num_prefix_query_tokens
-        return self._metrics.snapshot(
+        snap = self._metrics.snapshot(
             kv_cache={
                 "num_blocks": self.num_blocks,
                 "block_size": self.block_size,
@@ -399,6 +437,10 @@ class Engine:
                 "model_path": str(self.model_path),
             },
         )
+        if self.throttle is not None:
+            for tenant, usage in self.throttle.snapshot().items():
+                snap.tenants.setdefault(tenant, {})["throttle"] = usage
+        return snap
 
     def close(self) -> None:
         """Abort what is in flight, stop the step thread, free model and KV memory.
@@ -452,43 +494,89 @@ class Engine:
         params: SamplingParams | Sequence[SamplingParams] | None,
         tenant: str,
         return_exceptions: bool,
-    ) -> list[Request | InvalidRequestError]:
+        wait_timeout: float | None = None,
+    ) -> list[Request | LLMProdError]:
         """Validate a batch in the caller's thread: bad input raises here, naming
         its index, unless ``return_exceptions`` keeps the error in its place."""
         batch = inputs.as_prompt_list(prompts)
         plist = inputs.params_list(params, len(batch))
-        out: list[Request | InvalidRequestError] = []
+        out: list[Request | LLMProdError] = []
         for i, (p, sp) in enumerate(zip(batch, plist)):
             try:
-                out.append(self._make_request(p, sp, tenant))
-            except InvalidRequestError as exc:
+                out.append(self._make_request(p, sp, tenant, wait_timeout))
+            except (InvalidRequestError, RateLimitedError) as exc:
                 if return_exceptions:
                     out.append(exc)
-                elif len(batch) > 1:
+                    continue
+                for r in out:  # nothing of this batch runs: give the slots back
+                    if isinstance(r, Request) and r.ticket is not None:
+                        r.ticket.release(0, 0.0)
+                if len(batch) > 1 and isinstance(exc, InvalidRequestError):
                     raise type(exc)(f"prompts[{i}]: {exc}", exc.field) from exc
-                else:
-                    raise
+                raise
         return out
 
     def _make_request(
-        self, prompt: Prompt | Sequence[Message], params: SamplingParams, tenant: str
+        self,
+        prompt: Prompt | Sequence[Message],
+        params: SamplingParams,
+        tenant: str,
+        wait_timeout: float | None = None,
     ) -> Request:
-        """Validate and tokenize one prompt or conversation (errors raise in the
-        caller's thread)."""
+        """Validate, guard, tokenize and admit one prompt or conversation (errors
+        raise in the caller's thread, before the model sees anything)."""
         if self._closed:
             raise EngineClosedError("the engine is closed")
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(
+                f"params must be SamplingParams, got {type(params).__name__}", "params"
+            )
         text = context = None
+        flags: dict[str, Any] = {}
         if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
-            ids = self.render_chat(prompt)  # type: ignore[arg-type]
-            text, context = conversation_text(list(prompt))  # type: ignore[arg-type]
+            messages = list(prompt)
+            inputs.check_messages(messages)  # type: ignore[arg-type]
+            if self.guards:
+                messages, flags = self._guard_messages(messages)  # type: ignore[arg-type]
+            ids = self.render_chat(messages)  # type: ignore[arg-type]
+            text, context = conversation_text(messages)  # type: ignore[arg-type]
         else:
             ids = inputs.prompt_token_ids(prompt, self.tokenizer, self.vocab_size)  # type: ignore[arg-type]
             text = prompt if isinstance(prompt, str) else None
+            if self.guards:
+                seen = text if text is not None else self.tokenizer.decode(ids)
+                res = apply_guards(self.guards, seen, "prompt")
+                flags = res.flags
+                if res.text != seen:  # redacted: the model sees the redacted text
+                    text = res.text
+                    ids = list(self.tokenizer.encode(text))
         inputs.check_lengths(
             len(ids), params, self.max_model_len, self.num_blocks, self.block_size
         )
         rid = f"req-{self._id_prefix}-{next(self._ids)}"
-        return Request(rid, ids, params, tenant=tenant, text=text, context=context)
+        req = Request(rid, ids, params, tenant=tenant, text=text, context=context)
+        if flags:
+            req.flags["guards"] = {"prompt": flags}
+        if self.throttle is not None:
+            prices = self.config.prices
+            estimate = prices.cost(len(ids), params.max_tokens) if prices else 0.0
+            req.ticket = self.throttle.admit(
+                tenant, len(ids) + params.max_tokens, wait_timeout,
+                estimated_cost=estimate,
+            )  # fmt: skip
+        return req
+
+    def _guard_messages(
+        self, messages: list[Message]
+    ) -> tuple[list[Message], dict[str, Any]]:
+        """Run the prompt guards over each message's content."""
+        out, flags = [], {}
+        for i, m in enumerate(messages):
+            res = apply_guards(self.guards, m["content"], "prompt")
+            out.append({**m, "content": res.text})
+            if res.flags:
+                flags[f"messages[{i}]"] = res.flags
+        return out, flags
 
     def _submit(
         self, req: Request, sink: Callable[[Any], None], streaming: bool
@@ -514,6 +602,8 @@ class Engine:
     def _deliver_cached(self, h: _Handle, comp: Completion) -> None:
         h.done = True
         req = h.request
+        if req.ticket is not None:
+            req.ticket.release(0, 0.0)
         self._metrics.on_finish(
             "completed",
             comp.usage.prompt_tokens,
@@ -698,6 +788,8 @@ class Engine:
             tenant=req.tenant,
             cost=cost,
         )
+        if req.ticket is not None:
+            req.ticket.release(req.num_prompt_tokens + req.num_output_tokens, cost)
         return cost
 
     def _finalize(
@@ -739,6 +831,21 @@ class Engine:
             if req.params.prompt_logprobs is not None
             else None,
         )
+        if req.flags:
+            comp.flags.update(req.flags)
+        if req.params.logprobs is not None and req.logprobs:
+            comp.flags["confidence"] = logprob_signals(
+                req.logprobs, [lp.entropy for lp in req.logprobs]
+            )
+        if self.guards and reason != "abort":
+            try:
+                res = apply_guards(self.guards, comp.text, "output")
+            except GuardBlockedError as exc:
+                self._fail(h, exc)
+                return
+            comp.text = res.text
+            if res.flags:
+                comp.flags.setdefault("guards", {})["output"] = res.flags
         outcome = "aborted" if reason == "abort" else "completed"
         comp.usage.cost = self._release(
             h,
@@ -787,3 +894,14 @@ def _quantize(model: torch.nn.Module, method: str, path: Path) -> str:
         ) from exc
     mapping = {"int8": "auto", "int8-wo": "int8-wo", "int8-bnb": "int8-bnb"}
     return str(int8.quantize_model(model, method=mapping[method]))
+
+
+def _make_throttle(limits: Any, default: Any) -> Any:
+    """A Throttle from ``{tenant: TenantLimits}`` (or use the one given)."""
+    if limits is None and default is None:
+        return None
+    from llmprod.throttle import Throttle
+
+    if isinstance(limits, Throttle):
+        return limits
+    return Throttle(limits, default)

@@ -57,6 +57,10 @@ class Request:
     """The prompt text (or a chat's last user message), for the semantic cache."""
     context: str | None = None
     """A chat's other messages, which a semantic hit must match exactly."""
+    ticket: Any = None
+    """The throttle's admission, released when the request ends."""
+    flags: dict[str, Any] = field(default_factory=dict)
+    """Signals gathered before the model runs (prompt guards)."""
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -7,12 +7,12 @@ once per step and reads nothing but the :class:`SchedulerOutput` it returns.
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 from llmprod.config import SchedulerConfig
 from llmprod.kv.manager import KVCacheManager
 from llmprod.request import Request, RequestStatus
+from llmprod.throttle import FairQueue
 
 
 @dataclass(slots=True)
@@ -81,15 +81,23 @@ class Scheduler:
     (keys padded to the longest context in a group). Decodes are sorted by
     context length and cut into groups of similar length, which bounds the waste;
     every running request decodes every step, so grouping never starves one.
-    Prefills are admitted in arrival order (preempted requests first), so none
-    waits behind later arrivals.
+    Waiting requests are admitted round-robin across tenants (weighted), so one
+    tenant's flood cannot starve another; preempted requests go first, and a
+    request older than ``max_wait_s`` goes before the fair order.
     """
 
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.kv = kv
-        self.waiting: deque[Request] = deque()
+        # Admission order: round-robin across tenants (weighted), preempted
+        # requests first, anything older than the age bound next.
+        self.waiting: FairQueue[Request] = FairQueue(
+            config.tenant_weights,
+            max_wait_s=config.max_wait_s,
+            key=lambda r: r.tenant,
+            arrival=lambda r: r.arrival_time,
+        )
         self.running: list[Request] = []
         self.num_preemptions = 0
 
