@@ -85,11 +85,16 @@ class AnswerCaches:
             hit = self.exact.lookup(req.prompt_token_ids, req.params)
             if hit is not None:
                 found, tier = hit
-        if found is None and self.semantic is not None and req.text:
-            if self.semantic.is_cacheable(req.params):
-                shit = self.semantic.lookup(req.text, req.params, context=req.context)
-                if shit is not None:
-                    found, tier = shit[0], "semantic"
+        semantic = self.semantic
+        if (
+            found is None
+            and semantic is not None
+            and req.text
+            and semantic.is_cacheable(req.params)
+        ):
+            near = semantic.lookup(req.text, req.params, context=req.context)
+            if near is not None:
+                found, tier = near[0], "semantic"
         if found is None:
             return None
         elapsed = time.monotonic() - t0
