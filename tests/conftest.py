@@ -17,7 +17,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from llmprod import Engine  # noqa: E402
+from llmprod import Engine
 
 MODEL = "smollm2-135m"
 

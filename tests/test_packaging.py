@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_subpackage_is_packaged() -> None:
-    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+            "packages"
+        ]
+    )
     found = {
         ".".join(p.parent.relative_to(ROOT).parts)
         for p in (ROOT / "llmprod").rglob("__init__.py")
         if "__pycache__" not in p.parts
     }
-    assert found - listed == set(), f"add to pyproject packages: {sorted(found - listed)}"
+    assert found - listed == set(), (
+        f"add to pyproject packages: {sorted(found - listed)}"
+    )
     assert "llmprod.kernels" in listed

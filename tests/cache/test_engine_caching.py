@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmprod import Engine, SamplingParams
+from llmprod import SamplingParams
 from llmprod.cache import TieredCache, open_cache
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
@@ -49,7 +49,9 @@ def test_chat_hits_through_the_semantic_cache(make_engine: Any, tmp_path: Path) 
     eng = make_engine(
         kv_cache_memory="64MiB", semantic_cache=f"diskcache://{tmp_path / 'sem'}"
     )
-    a = eng.chat([{"role": "user", "content": "What is the capital city of France?"}], GREEDY)
+    a = eng.chat(
+        [{"role": "user", "content": "What is the capital city of France?"}], GREEDY
+    )
     eng.answers.semantic.flush(10.0)
     b = eng.chat([{"role": "user", "content": "What's the capital of France?"}], GREEDY)
     assert b.cache_hit == "semantic" and b.text == a.text
@@ -93,7 +95,9 @@ def test_redis_down_at_start_engine_serves(make_engine: Any, caplog: Any) -> Non
     assert out.finish_reason in ("stop", "length")
 
 
-def test_two_engine_processes_share_one_redis(make_engine: Any, redis_server: Any) -> None:
+def test_two_engine_processes_share_one_redis(
+    make_engine: Any, redis_server: Any
+) -> None:
     code = f"""
 import json
 from llmprod import Engine, SamplingParams
@@ -121,4 +125,6 @@ def test_tiered_cache_names_the_tier(make_engine: Any, tmp_path: Path) -> None:
     tiers = TieredCache([open_cache("memory://"), open_cache(disk_url)])
     reader = make_engine(kv_cache_memory="64MiB", cache=tiers)
     assert reader.generate("Tiers of caching", GREEDY)[0].cache_hit == "diskcache"
-    assert reader.generate("Tiers of caching", GREEDY)[0].cache_hit == "memory"  # promoted
+    assert (
+        reader.generate("Tiers of caching", GREEDY)[0].cache_hit == "memory"
+    )  # promoted
