@@ -17,13 +17,16 @@ from llmprod.errors import (
 )
 from llmprod.metrics import MetricsSnapshot
 from llmprod.outputs import Completion, Delta, Timings, TokenLogprob, Usage
+from llmprod.router import CascadePolicy, ComplexityPolicy, Router
 from llmprod.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CacheConfig",
+    "CascadePolicy",
     "Completion",
+    "ComplexityPolicy",
     "Delta",
     "Engine",
     "EngineClosedError",
@@ -34,6 +37,7 @@ __all__ = [
     "MetricsSnapshot",
     "RateLimited",
     "RequestFailedError",
+    "Router",
     "SamplingParams",
     "SchedulerConfig",
     "Timings",
