@@ -1,0 +1,1 @@
+"""Benchmarks: the shared workload generator, end-to-end runs and kernel timings."""

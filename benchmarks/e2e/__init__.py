@@ -1,0 +1,1 @@
+"""End-to-end benchmarks: llmprod against transformers baselines on one workload."""
