@@ -488,9 +488,28 @@ def _make_bnb_linear(
     else:
         mod.register_parameter("bias", None)
     mod.llmprod_scales = scales.detach().to(torch.float32)
+    # bitsandbytes casts float32 activations to float16 itself, logging a warning on
+    # every call; cast here instead and give the output back in the input's dtype.
+    mod.register_forward_pre_hook(_bnb_cast_input)
+    mod.register_forward_hook(_bnb_cast_output)
     # In training mode bitsandbytes' CPU path dequantizes the whole matrix per call.
     mod.train(is_training)
     return mod
+
+
+def _bnb_cast_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    x = args[0]
+    module.llmprod_out_dtype = x.dtype
+    if x.dtype == torch.float32:
+        return (x.to(torch.float16), *args[1:])
+    return None
+
+
+def _bnb_cast_output(
+    module: nn.Module, args: tuple[Any, ...], output: torch.Tensor
+) -> torch.Tensor:
+    dtype = getattr(module, "llmprod_out_dtype", output.dtype)
+    return output if output.dtype == dtype else output.to(dtype)
 
 
 def _is_bnb_linear(module: nn.Module) -> bool:
