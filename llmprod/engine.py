@@ -886,14 +886,32 @@ def _future_setter(
 
 
 def _quantize(model: torch.nn.Module, method: str, path: Path) -> str:
+    """Quantize once, reuse: the int8 weights are saved in the model cache and
+    reloaded (with their scales) by later loads instead of quantizing again."""
+    from llmprod.cache.response import model_fingerprint
+    from llmprod.models.registry import cache_dir
+    from llmprod.quant import int8
+
+    device = next(model.parameters()).device
     try:
-        from llmprod.quant import int8
-    except ImportError as exc:  # pragma: no cover - packaging error
-        raise InvalidConfigError(
-            f"int8 quantization is unavailable: {exc}", "quantization"
-        ) from exc
-    mapping = {"int8": "auto", "int8-wo": "int8-wo", "int8-bnb": "int8-bnb"}
-    return str(int8.quantize_model(model, method=mapping[method]))
+        resolved = int8.resolve_method(method, device)
+    except int8.Int8UnavailableError as exc:
+        raise InvalidConfigError(str(exc), "quantization") from exc
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    source = model_fingerprint(path, dtype, None)
+    saved = cache_dir() / "quantized" / f"{path.name}-{dtype}-{source[:16]}.safetensors"
+    if saved.exists():
+        try:
+            ran = int8.load_quantized(model, saved, method=resolved, source=source)
+            logger.info("int8 weights loaded from %s (%s)", saved, ran)
+            return str(ran)
+        except int8.QuantizedCheckpointError as exc:
+            logger.warning("ignoring the saved int8 weights %s: %s", saved, exc)
+    ran = int8.quantize_model(model, method=resolved)
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    int8.save_quantized(model, saved, source=source)
+    logger.info("int8 (%s) quantized; saved to %s", ran, saved)
+    return str(ran)
 
 
 def _make_throttle(limits: Any, default: Any) -> Any:
