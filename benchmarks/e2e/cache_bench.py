@@ -1,0 +1,114 @@
+"""The mixed workload with exact repeats and paraphrases, with and without the
+response caches, in one run: latency percentiles, throughput, tokens and cost saved.
+
+Requests arrive as a Poisson stream (a cache helps only a request that arrives
+after the answer it reuses) and are sent as chats, so the semantic cache sees the
+user's question.
+
+    python -m benchmarks.e2e.cache_bench --requests 64 --rate 1.5 --out benchmarks/results/cache-bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.workload import WorkloadSpec, build_workload, load_tokenizer
+from llmprod import Engine, SamplingParams
+from llmprod.pricing import PriceTable
+
+PRICES = PriceTable(prompt_per_1k=0.05, completion_per_1k=0.15)
+
+
+def run(wl: Any, options: dict[str, Any]) -> dict[str, Any]:
+    eng = Engine.from_pretrained("smollm2-135m", prices=PRICES, **options)
+    eng.generate("warm up", SamplingParams(max_tokens=4, temperature=0))
+
+    async def main() -> tuple[float, list[Any]]:
+        t0 = time.perf_counter()
+
+        async def one(r: Any) -> Any:
+            delay = t0 + r.arrival_s - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            p = SamplingParams(max_tokens=r.max_tokens, temperature=0, ignore_eos=True)
+            return (await eng.agenerate([r.messages], p))[0]
+
+        comps = await asyncio.gather(*(one(r) for r in wl.requests))
+        return time.perf_counter() - t0, list(comps)
+
+    try:
+        wall, comps = asyncio.run(main())
+        if eng.answers is not None:  # let queued writes land before reading stats
+            for c in (eng.answers.exact, eng.answers.semantic):
+                if c is not None:
+                    c.flush(10.0)
+        hits: dict[str, int] = {}
+        for c in comps:
+            if c.cache_hit:
+                hits[c.cache_hit] = hits.get(c.cache_hit, 0) + 1
+        e2e = [c.timings.e2e_s for c in comps]
+        computed = [c for c in comps if not c.cache_hit]
+        return {
+            "options": {k: str(v) for k, v in options.items()},
+            "wall_s": wall,
+            "requests_per_s": len(comps) / wall,
+            "e2e_p50": float(np.percentile(e2e, 50)),
+            "e2e_p95": float(np.percentile(e2e, 95)),
+            "e2e_p99": float(np.percentile(e2e, 99)),
+            "hits": hits,
+            "model_prompt_tokens": sum(c.usage.prompt_tokens for c in computed),
+            "model_completion_tokens": sum(c.usage.completion_tokens for c in computed),
+            "cost": sum(c.usage.cost for c in comps),
+        }
+    finally:
+        eng.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--rate", type=float, default=1.5, help="arrivals per second")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    spec = WorkloadSpec(num_requests=args.requests, arrival="poisson", rate=args.rate,
+                        repeat_fraction=0.3, paraphrase_fraction=0.2)  # fmt: skip
+    wl = build_workload(spec, load_tokenizer())
+    with tempfile.TemporaryDirectory() as tmp:
+        configs = {
+            "no caches": {},
+            "exact": {"cache": "memory://"},
+            "exact + semantic": {
+                "cache": "memory://",
+                "semantic_cache": f"diskcache://{tmp}/sem",
+            },
+        }
+        results = {name: run(wl, opts) for name, opts in configs.items()}
+    base = results["no caches"]
+    print(f"{args.requests} chat requests, Poisson {args.rate}/s, 30% exact repeats, "
+          "20% paraphrases")  # fmt: skip
+    print("| configuration | hits | req/s | e2e p50 / p95 / p99 (s) | model tokens "
+          "(prompt + completion) | cost | cost saved |")  # fmt: skip
+    print("|---|---|---:|---|---:|---:|---:|")
+    for name, r in results.items():
+        toks = r["model_prompt_tokens"] + r["model_completion_tokens"]
+        saved = 1 - r["cost"] / base["cost"] if base["cost"] else 0.0
+        print(f"| {name} | {r['hits'] or '-'} | {r['requests_per_s']:.2f} | "
+              f"{r['e2e_p50']:.2f} / {r['e2e_p95']:.2f} / {r['e2e_p99']:.2f} | {toks} | "
+              f"{r['cost']:.4f} | {100 * saved:.0f}% |")  # fmt: skip
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"spec": spec.to_dict(), "results": results}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Where the Engine's time goes: wall time of each phase of the step loop on a
+mixed workload (wraps the engine's own methods with timers; no sampling profiler).
+
+    python -m benchmarks.e2e.profile_phases --requests 48
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import random
+import time
+from typing import Any
+
+from llmprod import Engine, SamplingParams
+
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "river",
+    "mountain",
+    "city",
+    "history",
+    "science",
+    "music",
+    "water",
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=48)
+    args = ap.parse_args()
+    rng = random.Random(0)
+    eng = Engine.from_pretrained("smollm2-135m")
+    spent: collections.Counter[str] = collections.Counter()
+
+    def timed(obj: Any, name: str, label: str) -> None:
+        fn = getattr(obj, name)
+
+        def wrapper(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[label] += time.perf_counter() - t
+
+        setattr(obj, name, wrapper)
+
+    timed(eng, "step", "step (all)")
+    timed(eng.runner.model, "forward", "model forward")
+    timed(eng.backend, "forward", "  attention (in forward)")
+    timed(eng.runner.model, "compute_logits", "lm_head")
+    timed(eng.runner, "sampler", "sampler")
+    timed(eng.runner, "prepare", "batch metadata")
+    timed(eng.scheduler, "schedule", "scheduler")
+    timed(eng, "_process", "detokenize + stops")
+    reqs = []
+    for _ in range(args.requests):
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 350)))
+        reqs.append(
+            (eng.render_chat([{"role": "user", "content": text}]), rng.randint(16, 128))
+        )
+    eng.generate(reqs[0][0], SamplingParams(max_tokens=4, temperature=0))
+    spent.clear()
+    t = time.perf_counter()
+    eng.generate([r[0] for r in reqs],
+                 [SamplingParams(max_tokens=r[1], temperature=0, ignore_eos=True) for r in reqs])  # fmt: skip
+    wall = time.perf_counter() - t
+    tokens = sum(len(r[0]) + r[1] for r in reqs)
+    print(f"{args.requests} requests, {tokens} tokens in {wall:.1f}s = {tokens / wall:.0f} tok/s, "
+          f"{eng.metrics().scheduler['steps']} steps")  # fmt: skip
+    print("| phase | seconds | share of wall time |\n|---|---:|---:|")
+    for label, s in spent.most_common():
+        print(f"| {label} | {s:.2f} | {100 * s / wall:.1f}% |")
+    eng.close()
+
+
+if __name__ == "__main__":
+    main()
