@@ -24,3 +24,13 @@ def test_quickstart_runs(
     assert res.returncode == 0, res.stderr[-2000:]
     assert "Paris" in res.stdout
     assert "requests: 4" in res.stdout
+
+
+@pytest.mark.slow
+def test_observability_notebook_runs(engine: object, tmp_path: Path) -> None:
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.read(ROOT / "examples" / "observability.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()  # fmt: skip
+    assert (tmp_path / "observability.png").stat().st_size > 10_000
