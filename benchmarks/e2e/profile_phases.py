@@ -83,6 +83,9 @@ def main() -> None:
     tokens = sum(len(r[0]) + r[1] for r in reqs)
     print(f"{args.requests} requests, {tokens} tokens in {wall:.1f}s = {tokens / wall:.0f} tok/s, "
           f"{eng.metrics().scheduler['steps']} steps")  # fmt: skip
+    kv = eng.metrics().kv_cache
+    print(f"KV cache: peak usage {100 * kv['peak_usage']:.1f}% of {kv['num_blocks']} blocks; "
+          f"allocated but unused slots at that peak {100 * kv['slot_waste_at_peak']:.2f}%")  # fmt: skip
     print("| phase | seconds | share of wall time |\n|---|---:|---:|")
     for label, s in spent.most_common():
         print(f"| {label} | {s:.2f} | {100 * s / wall:.1f}% |")
