@@ -142,6 +142,9 @@ def _paged_attention_kernel(
     max_blocks,
     num_kv_splits,
     qk_scale,  # softmax scale * log2(e): the kernel works in base 2
+    sm_scale,  # softmax scale (used only with SOFTCAP)
+    softcap,  # scores become softcap * tanh(score / softcap) (used only with SOFTCAP)
+    sliding_window,  # keys within this many positions (used only with HAS_WINDOW)
     # strides (the last dimension of every tensor is contiguous)
     stride_query_token,
     stride_query_head,
@@ -161,6 +164,8 @@ def _paged_attention_kernel(
     HEAD_DIM_PAD: tl.constexpr,  # HEAD_DIM rounded up to a power of two
     IS_SPLIT_KV: tl.constexpr,  # write partials to the workspace instead of out
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, so no silent TF32
+    HAS_WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD
     tile = tl.program_id(0)
@@ -195,10 +200,17 @@ def _paged_attention_kernel(
         # -- the keys this tile needs, and this split's share of them ------------
         # The last row of the tile sees keys up to its own position, no further.
         kv_end = tl.minimum(seq_len, context_len + q_tile_start + BLOCK_Q)
-        num_kv_tiles = tl.cdiv(kv_end, BLOCK_N)
+        first_kv_tile = 0
+        if HAS_WINDOW:
+            # The first row of the tile sees nothing before its window.
+            kv_start = tl.maximum(context_len + q_tile_start - sliding_window + 1, 0)
+            first_kv_tile = kv_start // BLOCK_N
+        num_kv_tiles = tl.cdiv(kv_end, BLOCK_N) - first_kv_tile
         tiles_per_split = tl.cdiv(num_kv_tiles, num_kv_splits)
-        kv_tile_lo = split * tiles_per_split
-        kv_tile_hi = tl.minimum(kv_tile_lo + tiles_per_split, num_kv_tiles)
+        kv_tile_lo = first_kv_tile + split * tiles_per_split
+        kv_tile_hi = tl.minimum(
+            kv_tile_lo + tiles_per_split, first_kv_tile + num_kv_tiles
+        )
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp
@@ -228,8 +240,16 @@ def _paged_attention_kernel(
                 other=0.0,
             )
 
-            s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+            if SOFTCAP:
+                # c * tanh(x / c), tanh(y) = 1 - 2 / (exp(2y) + 1), then base 2.
+                s = tl.dot(q, k, input_precision=DOT_PRECISION) * sm_scale
+                t = 1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0)
+                s = softcap * t * 1.4426950408889634
+            else:
+                s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
             causal = (k_pos[None, :] <= q_pos[:, None]) & k_mask[None, :]
+            if HAS_WINDOW:
+                causal = causal & (k_pos[None, :] > q_pos[:, None] - sliding_window)
             s = tl.where(causal, s, float("-inf"))
 
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -434,6 +454,8 @@ def paged_attention(
     cu_seqlens_q: torch.Tensor,  # int32 [num_seqs + 1]
     scale: float,
     *,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
     num_kv_splits: int | None = None,
     config: AttentionConfig | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
@@ -449,6 +471,10 @@ def paged_attention(
         cu_seqlens_q: int32 ``[num_seqs + 1]``, prefix sums of the query lengths;
             ``cu_seqlens_q[-1]`` must equal ``num_tokens``.
         scale: Softmax scale, usually ``head_dim ** -0.5``.
+        sliding_window: A query at position ``p`` sees keys ``p - w + 1 .. p``
+            only; ``None`` = full causal attention.
+        softcap: Scaled scores become ``softcap * tanh(score / softcap)``
+            before the softmax (Gemma 2); ``None`` = no capping.
         num_kv_splits: Programs per query tile along the keys. ``None`` chooses
             from shapes (more than 1 only for decode-shaped batches on a GPU).
         config: Tile sizes; ``None`` chooses from shapes. For sweeps and tests.
@@ -461,6 +487,10 @@ def paged_attention(
         ValueError: On a shape, dtype, stride or device mismatch.
     """
     _check_inputs(query, kv_cache, block_tables, seq_lens, cu_seqlens_q, scale)
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None; got {sliding_window}")
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be a positive float or None; got {softcap}")
     num_tokens, num_heads, head_dim = query.shape
     num_seqs = seq_lens.shape[0]
     num_kv_heads = kv_cache.shape[3]
@@ -527,6 +557,9 @@ def paged_attention(
         max_blocks=block_tables.shape[1],
         num_kv_splits=num_kv_splits,
         qk_scale=scale * math.log2(math.e),
+        sm_scale=scale,
+        softcap=softcap or 1.0,
+        sliding_window=sliding_window or 0,
         stride_query_token=query.stride(0),
         stride_query_head=query.stride(1),
         stride_out_token=out.stride(0),
@@ -544,6 +577,8 @@ def paged_attention(
         HEAD_DIM_PAD=head_dim_pad,
         IS_SPLIT_KV=is_split_kv,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        HAS_WINDOW=sliding_window is not None,
+        SOFTCAP=softcap is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -82,3 +82,51 @@ def test_torch_backend_matches_reference(name: str, heads: tuple[int, int]) -> N
     out = backend.forward(q, k, v, kv, meta, d**-0.5)
     torch.testing.assert_close(kv, expected_cache, atol=0, rtol=0)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+
+
+# (sliding_window, softcap): windows shorter and longer than the contexts above,
+# a window of 1 (a token sees only itself), and Gemma 2's score soft-capping.
+VARIANTS = [(8, None), (33, None), (1, None), (None, 5.0), (20, 3.0)]
+
+
+@pytest.mark.parametrize(
+    "variant", VARIANTS, ids=lambda v: f"window{v[0]}-softcap{v[1]}"
+)
+@pytest.mark.parametrize("name", list(BATCHES))
+def test_torch_backend_window_and_softcap(
+    name: str, variant: tuple[int | None, float | None]
+) -> None:
+    window, softcap = variant
+    kv, meta, d = build(BATCHES[name], 2)
+    n = meta.cu_seqlens_q_host[-1]
+    q, k, v = torch.randn(n, 6, d), torch.randn(n, 2, d), torch.randn(n, 2, d)
+    expected_cache = kv.clone()
+    flat = expected_cache.view(2, -1, 2, d)
+    flat[0, meta.slot_mapping] = k
+    flat[1, meta.slot_mapping] = v
+    args = (meta.block_tables, meta.seq_lens, meta.cu_seqlens_q, d**-0.5)
+    ref = paged_attention_ref(q, expected_cache, *args, window, softcap)
+    full = paged_attention_ref(q, expected_cache, *args)
+    backend = TorchAttentionBackend()
+    backend.prepare(meta)
+    out = backend.forward(q, k, v, kv, meta, d**-0.5, window, softcap)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    # A layer with full attention in the same step (Gemma interleaves them)
+    # still sees every key: per-window masks do not leak between layers.
+    out_full = backend.forward(q, k, v, kv, meta, d**-0.5)
+    torch.testing.assert_close(out_full, full, atol=2e-5, rtol=1e-5)
+
+
+def test_reference_window_limits_keys() -> None:
+    """The reference's window rule itself: with window 1 each token attends only
+    to its own key, so the output is its own value."""
+    kv, meta, d = build([(10, 10)], 1)
+    n = 10
+    q, k, v = torch.randn(n, 1, d), torch.randn(n, 1, d), torch.randn(n, 1, d)
+    flat = kv.view(2, -1, 1, d)
+    flat[0, meta.slot_mapping] = k
+    flat[1, meta.slot_mapping] = v
+    out = paged_attention_ref(
+        q, kv, meta.block_tables, meta.seq_lens, meta.cu_seqlens_q, 1.0, 1
+    )
+    torch.testing.assert_close(out, v, atol=1e-6, rtol=0)

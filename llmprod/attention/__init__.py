@@ -42,8 +42,12 @@ class AttentionBackend(Protocol):
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-        """Store key/value at ``meta.slot_mapping``, return attention output."""
+        """Store key/value at ``meta.slot_mapping``, return attention output.
+
+        ``sliding_window`` and ``softcap`` follow ``paged_attention_ref``."""
         ...
 
 

@@ -46,9 +46,14 @@ def paged_attention_ref(
     seq_lens: torch.Tensor,  # int32 [num_seqs]
     cu_seqlens_q: torch.Tensor,  # int32 [num_seqs + 1]
     scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Causal varlen attention of each query token over its sequence's paged keys.
 
+    ``sliding_window=w`` limits a query at position ``p`` to the ``w`` keys
+    ``p - w + 1 .. p`` (transformers' convention). ``softcap=c`` squashes the
+    scaled scores to ``c * tanh(score / c)`` before the softmax (Gemma 2).
     Computed in float32 and returned in the query's dtype.
     """
     num_heads, head_dim = query.shape[1], query.shape[2]
@@ -70,9 +75,14 @@ def paged_attention_ref(
         v = v.float().repeat_interleave(group, dim=1)
         q = query[q_start:q_end].float()  # [q_len, num_heads, head_dim]
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
         q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
         k_pos = torch.arange(seq_len).unsqueeze(0)
-        scores = scores.masked_fill((k_pos > q_pos).unsqueeze(0), float("-inf"))
+        hidden = k_pos > q_pos
+        if sliding_window is not None:
+            hidden |= k_pos <= q_pos - sliding_window
+        scores = scores.masked_fill(hidden.unsqueeze(0), float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[q_start:q_end] = torch.einsum("hqk,khd->qhd", probs, v).to(query.dtype)
     return out

@@ -24,8 +24,11 @@ def _sdpa(
     mask: torch.Tensor | None,
     is_causal: bool,
     scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     group = q.shape[1] // k.shape[1]
+    if softcap is not None:
+        return _softcapped(q, k, v, mask, is_causal, scale, softcap)
     if group > 1 and not _HAS_ENABLE_GQA:
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
@@ -35,47 +38,106 @@ def _sdpa(
     )
 
 
+def _softcapped(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    softcap: float,
+) -> torch.Tensor:
+    """Attention with scores squashed to ``softcap * tanh(s / softcap)`` (SDPA
+    cannot), the same operations in the same order as transformers' eager path."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if is_causal:
+        q_len, kv_len = scores.shape[-2], scores.shape[-1]
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(
+            kv_len - q_len
+        )
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
 class TorchAttentionBackend:
     """Paged attention with torch ops; runs anywhere torch runs."""
 
     name = "torch"
 
     def prepare(self, meta: AttentionMetadata) -> None:
-        """Build block indices and masks once per step (shared by all layers).
+        """Build block indices once per step (shared by all layers); masks are
+        built on first use per attention window and reused by later layers.
 
         Keys are gathered a whole block at a time (``index_select`` of contiguous
         ``block_size`` rows), several times faster than gathering token rows;
         positions past a sequence's length are masked out.
         """
         bs = meta.block_size
-        device = meta.block_tables.device
-        groups: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = []
+        groups: list[tuple[int, int, torch.Tensor]] = []
         for lo, hi in meta.decode_groups:
-            lens = meta.seq_lens_host[lo:hi]
-            num_blocks = -(-max(lens) // bs)
-            blocks = meta.block_tables[lo:hi, :num_blocks].reshape(-1)
-            padded = num_blocks * bs
-            mask = None
-            if min(lens) != padded:
-                lens_t = torch.tensor(lens, device=device)
-                pos = torch.arange(padded, device=device)
-                mask = (pos[None, :] < lens_t[:, None])[:, None, None, :]  # [n,1,1,L]
-            groups.append((lo, hi, blocks, mask))
-        prefills: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]] = []
+            num_blocks = -(-max(meta.seq_lens_host[lo:hi]) // bs)
+            groups.append((lo, hi, meta.block_tables[lo:hi, :num_blocks].reshape(-1)))
+        prefills: list[tuple[int, int, torch.Tensor | None]] = []
         cu = meta.cu_seqlens_q_host
         for s in range(meta.num_decodes, meta.num_seqs):
             t0, t1 = cu[s], cu[s + 1]
-            q_len, seq_len = t1 - t0, meta.seq_lens_host[s]
-            if q_len == seq_len:  # no earlier context: attend to this chunk's keys
-                prefills.append((t0, t1, None, None))
+            if t1 - t0 == meta.seq_lens_host[s]:  # no earlier context
+                prefills.append((t0, t1, None))
+            else:
+                num_blocks = -(-meta.seq_lens_host[s] // bs)
+                prefills.append((t0, t1, meta.block_tables[s, :num_blocks]))
+        meta.backend_state["torch"] = (groups, prefills, {})
+
+    def _masks(
+        self, meta: AttentionMetadata, window: int | None
+    ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+        """Masks of the decode groups and prefill chunks for one window, built once
+        per step. ``None`` = no mask needed (or, for a chunk with no earlier
+        context, plain causal)."""
+        groups, prefills, cache = meta.backend_state["torch"]
+        if window in cache:
+            return cache[window]  # type: ignore[no-any-return]
+        bs = meta.block_size
+        device = meta.block_tables.device
+        group_masks: list[torch.Tensor | None] = []
+        for lo, hi, blocks in groups:
+            lens = meta.seq_lens_host[lo:hi]
+            padded = blocks.numel() // (hi - lo) * bs
+            windowed = window is not None and max(lens) > window
+            if min(lens) == padded and not windowed:
+                group_masks.append(None)
                 continue
-            num_blocks = -(-seq_len // bs)
-            blocks = meta.block_tables[s, :num_blocks]
-            q_pos = torch.arange(seq_len - q_len, seq_len, device=device)
-            k_pos = torch.arange(num_blocks * bs, device=device)
-            mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # [1, 1, q_len, L]
-            prefills.append((t0, t1, blocks, mask))
-        meta.backend_state["torch"] = (groups, prefills)
+            lens_t = torch.tensor(lens, device=device)[:, None]
+            pos = torch.arange(padded, device=device)[None, :]
+            mask = pos < lens_t
+            if windowed:
+                mask &= pos >= lens_t - window
+            group_masks.append(mask[:, None, None, :])  # [n, 1, 1, L]
+        prefill_masks: list[torch.Tensor | None] = []
+        for i, (t0, t1, blocks) in enumerate(prefills):
+            q_len = t1 - t0
+            seq_len = meta.seq_lens_host[meta.num_decodes + i]
+            if blocks is None and (window is None or window >= q_len):
+                prefill_masks.append(None)
+                continue
+            kv_len = q_len if blocks is None else blocks.numel() * bs
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=device)[:, None]
+            k_pos = torch.arange(kv_len, device=device)[None, :]
+            if blocks is None:
+                k_pos = k_pos + (seq_len - q_len)
+            mask = k_pos <= q_pos
+            if window is not None:
+                mask &= k_pos > q_pos - window
+            prefill_masks.append(mask[None, None])  # [1, 1, q_len, L]
+        cache[window] = (group_masks, prefill_masks)
+        return group_masks, prefill_masks
 
     def forward(
         self,
@@ -85,33 +147,35 @@ class TorchAttentionBackend:
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
         flat = kv_cache.view(2, -1, num_kv_heads, head_dim)
         flat[0].index_copy_(0, meta.slot_mapping, key)
         flat[1].index_copy_(0, meta.slot_mapping, value)
         out = torch.empty_like(query)
-        groups, prefills = meta.backend_state["torch"]
-        for lo, hi, blocks, mask in groups:
+        groups, prefills, _ = meta.backend_state["torch"]
+        group_masks, prefill_masks = self._masks(meta, sliding_window)
+        for (lo, hi, blocks), mask in zip(groups, group_masks):
             n = hi - lo
             kv = kv_cache.index_select(1, blocks).view(2, n, -1, num_kv_heads, head_dim)
             q = query[lo:hi].unsqueeze(2)  # [n, num_heads, 1, head_dim]
             k = kv[0].transpose(1, 2)  # [n, num_kv_heads, L, head_dim]
             v = kv[1].transpose(1, 2)
-            out[lo:hi] = _sdpa(q, k, v, mask, False, scale).squeeze(2)
-        for t0, t1, blocks, mask in prefills:
+            out[lo:hi] = _sdpa(q, k, v, mask, False, scale, softcap).squeeze(2)
+        for (t0, t1, blocks), mask in zip(prefills, prefill_masks):
             q = query[t0:t1].transpose(0, 1).unsqueeze(0)  # [1, num_heads, q_len, d]
             if blocks is None:
                 k = key[t0:t1].transpose(0, 1).unsqueeze(0)
                 v = value[t0:t1].transpose(0, 1).unsqueeze(0)
-                o = _sdpa(q, k, v, None, True, scale)
             else:
                 kv = kv_cache.index_select(1, blocks).view(
                     2, -1, num_kv_heads, head_dim
                 )
                 k = kv[0].transpose(0, 1).unsqueeze(0)  # [1, num_kv_heads, L, d]
                 v = kv[1].transpose(0, 1).unsqueeze(0)
-                o = _sdpa(q, k, v, mask, False, scale)
+            o = _sdpa(q, k, v, mask, mask is None, scale, softcap)
             out[t0:t1] = o.squeeze(0).transpose(0, 1)
         return out
 
@@ -140,8 +204,17 @@ class TritonAttentionBackend:
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         self._store_kv(key, value, kv_cache, meta.slot_mapping)
         return self._paged_attention(
-            query, kv_cache, meta.block_tables, meta.seq_lens, meta.cu_seqlens_q, scale
+            query,
+            kv_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.cu_seqlens_q,
+            scale,
+            sliding_window=sliding_window,
+            softcap=softcap,
         )

@@ -126,9 +126,16 @@ def make_batch(
     )
 
 
-def check(batch: Batch, **kwargs: object) -> None:
-    out = paged_attention(*batch.args(), **kwargs)
-    ref = paged_attention_ref(*batch.args())
+def check(
+    batch: Batch,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs: object,
+) -> None:
+    out = paged_attention(
+        *batch.args(), sliding_window=sliding_window, softcap=softcap, **kwargs
+    )
+    ref = paged_attention_ref(*batch.args(), sliding_window, softcap)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     torch.testing.assert_close(
         out,
@@ -160,6 +167,25 @@ def test_paged_attention_split_kv(num_kv_splits: int, batch_name: str) -> None:
     # The split path is a decode optimisation, but it must be right for any batch.
     batch = make_batch(BATCHES[batch_name], block_size=16, gqa_ratio=3)
     check(batch, num_kv_splits=num_kv_splits)
+
+
+# (sliding_window, softcap): a window inside one key tile, one spanning several
+# tiles and blocks, a window of 1, and Gemma 2's score capping with and without
+# a window.
+WINDOW_VARIANTS = [(5, None), (20, None), (1, None), (None, 2.0), (9, 3.0)]
+
+
+@pytest.mark.parametrize("num_kv_splits", [1, 3])
+@pytest.mark.parametrize(
+    "variant", WINDOW_VARIANTS, ids=lambda v: f"window{v[0]}-softcap{v[1]}"
+)
+@pytest.mark.parametrize("batch_name", ["decode", "mixed"])
+def test_paged_attention_window_and_softcap(
+    batch_name: str, variant: tuple[int | None, float | None], num_kv_splits: int
+) -> None:
+    window, softcap = variant
+    batch = make_batch(BATCHES[batch_name], block_size=16, gqa_ratio=3)
+    check(batch, window, softcap, num_kv_splits=num_kv_splits)
 
 
 @pytest.mark.parametrize(
@@ -342,7 +368,9 @@ COMPILE_CHECK = textwrap.dedent(
         options = {"num_warps": num_warps, "num_stages": num_stages}
         triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
-    for dtype in ("fp16", "bf16"):
+    for dtype, has_window, softcap in (
+        ("fp16", False, False), ("bf16", False, False), ("bf16", True, True)
+    ):
         for is_split_kv in (False, True):
             pointers = {name: f"*{dtype}" for name in (
                 "out_ptr", "query_ptr", "key_cache_ptr", "value_cache_ptr")}
@@ -350,11 +378,14 @@ COMPILE_CHECK = textwrap.dedent(
                 "block_tables_ptr", "seq_lens_ptr", "cu_seqlens_q_ptr")})
             pointers.update({name: "*fp32" for name in (
                 "partial_out_ptr", "partial_max_ptr", "partial_sum_ptr")})
-            pointers.update(qk_scale="fp32", stride_cache_block="i64")
+            pointers.update(
+                qk_scale="fp32", sm_scale="fp32", softcap="fp32",
+                stride_cache_block="i64",
+            )
             constexprs = dict(
                 GROUP=3, GROUP_PAD=4, BLOCK_M=64, BLOCK_N=64, BLOCK_SIZE=16,
                 HEAD_DIM=128, HEAD_DIM_PAD=128, IS_SPLIT_KV=is_split_kv,
-                DOT_PRECISION="tf32",
+                DOT_PRECISION="tf32", HAS_WINDOW=has_window, SOFTCAP=softcap,
             )
             compile_for_gpu(_paged_attention_kernel, pointers, constexprs, 4, 3)
     compile_for_gpu(
