@@ -95,6 +95,7 @@ class Engine:
         config: EngineConfig,
         model_name: str,
         quantization: str | None = None,
+        quantization_source: str | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -112,6 +113,9 @@ class Engine:
         self.num_blocks = ModelRunner.num_blocks_for(model, cc, self.dtype)
         self.backend = get_attention_backend(config.attention_backend, self.device)
         self.quantization = quantization
+        # Where the int8 weights came from: "quantized-at-load" (llmprod quantized
+        # them, or reloaded its own saved copy) or "bitsandbytes-checkpoint".
+        self.quantization_source = quantization_source
         self.throttle = _make_throttle(config.limits, config.default_limits)
         self.guards = list(config.guards or [])
         self._embedder: Any = None
@@ -182,6 +186,8 @@ class Engine:
         """
         from transformers import AutoTokenizer
 
+        from llmprod.quant import bnb_checkpoint
+
         config = EngineConfig.from_kwargs(**kwargs)
         path = resolve_model(model)
         hf_config = load_config(path)
@@ -189,12 +195,29 @@ class Engine:
         dtype = pick_dtype(config.dtype, device)
         if config.num_threads is not None and device.type == "cpu":
             torch.set_num_threads(config.num_threads)
-        nn_model = build_model(hf_config, path, dtype, device)
-        quant = None
-        if config.quantization is not None:
-            quant = _quantize(nn_model, config.quantization, path)
+        quant: str | None = None
+        quant_source: str | None = None
+        if bnb_checkpoint.is_bnb_int8_checkpoint(hf_config):
+            nn_model, quant = bnb_checkpoint.load_bnb_int8_model(
+                hf_config, path, dtype, device, config.quantization
+            )
+            quant_source = bnb_checkpoint.SOURCE
+        else:
+            nn_model = build_model(hf_config, path, dtype, device)
+            if config.quantization is not None:
+                quant = _quantize(nn_model, config.quantization, path)
+                quant_source = "quantized-at-load"
         tokenizer = AutoTokenizer.from_pretrained(path)
-        return cls(nn_model, tokenizer, hf_config, path, config, str(model), quant)
+        return cls(
+            nn_model,
+            tokenizer,
+            hf_config,
+            path,
+            config,
+            str(model),
+            quant,
+            quant_source,
+        )
 
     # ------------------------------------------------------------------ public API
     def generate(
@@ -434,6 +457,7 @@ class Engine:
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "attention_backend": self.backend.name,
                 "quantization": self.quantization,
+                "quantization_source": self.quantization_source,
                 "model_path": str(self.model_path),
             },
         )
