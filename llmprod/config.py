@@ -105,6 +105,7 @@ class SchedulerConfig:
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _BACKENDS = ("auto", "torch", "triton")
 _QUANT = (None, "int8", "int8-wo", "int8-bnb")
+_MODEL_IMPLS = ("auto", "native", "generic")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +122,9 @@ class EngineConfig:
     """Longest prompt + output; default: the model's context length."""
     attention_backend: str = "auto"
     """"auto" (Triton on CUDA, torch on CPU), "torch" or "triton"."""
+    model_impl: str = "auto"
+    """"auto" (the native implementation where there is one, else transformers'
+    modeling code with paged attention), "native" or "generic"."""
     quantization: str | None = None
     """None, "int8" (best measured path), "int8-wo" or "int8-bnb"."""
     cache: Any = None
@@ -157,6 +161,10 @@ class EngineConfig:
             raise InvalidConfigError(
                 f"{self.attention_backend=} must be one of {_BACKENDS}",
                 "attention_backend",
+            )
+        if self.model_impl not in _MODEL_IMPLS:
+            raise InvalidConfigError(
+                f"{self.model_impl=} must be one of {_MODEL_IMPLS}", "model_impl"
             )
         if self.quantization not in _QUANT:
             raise InvalidConfigError(

@@ -105,6 +105,8 @@ class Engine:
         self.model_name = model_name
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        self.model_impl: str = getattr(model, "impl", "native")
+        """"native" (llmprod's own model code) or "generic" (transformers')."""
         self.vocab_size = int(hf_config.vocab_size)
         self.max_model_len = max_model_len(hf_config, config.max_model_len)
         self.eos_token_ids = eos_token_ids(hf_config, tokenizer)
@@ -157,8 +159,10 @@ class Engine:
         )
         self._thread.start()
         logger.info(
-            "engine ready: %s on %s/%s, %d KV blocks x %d tokens, attention=%s",
+            "engine ready: %s (%s path) on %s/%s, %d KV blocks x %d tokens, "
+            "attention=%s",
             model_name,
+            self.model_impl,
             self.device,
             self.dtype,
             self.num_blocks,
@@ -203,7 +207,7 @@ class Engine:
             )
             quant_source = bnb_checkpoint.SOURCE
         else:
-            nn_model = build_model(hf_config, path, dtype, device)
+            nn_model = build_model(hf_config, path, dtype, device, config.model_impl)
             if config.quantization is not None:
                 quant = _quantize(nn_model, config.quantization, path)
                 quant_source = "quantized-at-load"
@@ -456,6 +460,7 @@ class Engine:
                 "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "attention_backend": self.backend.name,
+                "model_impl": self.model_impl,
                 "quantization": self.quantization,
                 "quantization_source": self.quantization_source,
                 "model_path": str(self.model_path),

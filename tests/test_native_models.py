@@ -95,4 +95,4 @@ def test_unsupported_architecture_is_named(tmp_path: Path, engine: Engine) -> No
     cfg = tf.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=VOCAB)
     path = save_tiny("gpt2", tmp_path, engine.model_path, config=cfg)
     with pytest.raises(UnsupportedModelError, match=r"GPT2LMHeadModel.*gpt2"):
-        Engine.from_pretrained(str(path))
+        Engine.from_pretrained(str(path), model_impl="native")

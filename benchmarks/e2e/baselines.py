@@ -3,6 +3,7 @@
 | system | what runs |
 |---|---|
 | ``llmprod`` | ``Engine.from_pretrained`` with its defaults (plus ``--llmprod-opt``) |
+| ``llmprod_generic`` | the same with ``model_impl="generic"``: transformers' modeling code over llmprod's paged attention (asked for by name; not in the default set) |
 | ``hf_generate`` | transformers ``model.generate``, one request at a time |
 | ``static_arrival`` | ``model.generate`` on left-padded batches of 16, arrival order |
 | ``static_sorted`` | the same batches after sorting the requests by prompt length |
@@ -525,8 +526,18 @@ def run_llmprod(
     return SystemRun("llmprod", wall, records, warmup_s, load_s, extra=extra)
 
 
+def run_llmprod_generic(
+    wl: Workload, warm: Workload, model_path: str, options: dict[str, Any]
+) -> SystemRun:
+    """llmprod on the generic path: the native-vs-generic cost on one workload."""
+    run = run_llmprod(wl, warm, model_path, {**options, "model_impl": "generic"})
+    run.system = "llmprod_generic"
+    return run
+
+
 SYSTEMS: dict[str, Callable[[Workload, Workload, str, dict[str, Any]], SystemRun]] = {
     "llmprod": run_llmprod,
+    "llmprod_generic": run_llmprod_generic,
     "hf_generate": run_hf_generate,
     "static_arrival": run_static_arrival,
     "static_sorted": run_static_sorted,

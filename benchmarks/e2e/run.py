@@ -53,6 +53,7 @@ from benchmarks.workload import (
 
 REPO = Path(__file__).resolve().parents[2]
 BASELINES = [s for s in SYSTEMS if s != "llmprod"]
+OPT_IN = ("llmprod_generic",)  # run only when named in --systems
 PERCENTILES = (50, 95, 99)
 
 
@@ -152,7 +153,7 @@ def _child(
 
 
 def _options_for(system: str, args: argparse.Namespace) -> dict[str, Any]:
-    if system == "llmprod":
+    if system in ("llmprod", "llmprod_generic"):
         return {"model": args.model, **_parse_kv(args.llmprod_opt)}
     if system in ("static_arrival", "static_sorted"):
         return {"batch_size": args.static_batch_size}
@@ -488,7 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     mode = "scale" if args.scale else "poisson" if args.poisson else "compare"
     if args.systems is None:
-        args.systems = list(SYSTEMS) if mode == "compare" else ["llmprod"]
+        args.systems = (
+            [s for s in SYSTEMS if s not in OPT_IN] if mode == "compare" else ["llmprod"]
+        )
     else:
         args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = [s for s in args.systems if s not in SYSTEMS]

