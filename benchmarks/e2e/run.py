@@ -490,7 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     mode = "scale" if args.scale else "poisson" if args.poisson else "compare"
     if args.systems is None:
         args.systems = (
-            [s for s in SYSTEMS if s not in OPT_IN] if mode == "compare" else ["llmprod"]
+            [s for s in SYSTEMS if s not in OPT_IN]
+            if mode == "compare"
+            else ["llmprod"]
         )
     else:
         args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]

@@ -117,7 +117,7 @@ class TorchAttentionBackend:
             lens_t = torch.tensor(lens, device=device)[:, None]
             pos = torch.arange(padded, device=device)[None, :]
             mask = pos < lens_t
-            if windowed:
+            if window is not None and windowed:
                 mask &= pos >= lens_t - window
             group_masks.append(mask[:, None, None, :])  # [n, 1, 1, L]
         prefill_masks: list[torch.Tensor | None] = []
