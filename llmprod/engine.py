@@ -928,7 +928,13 @@ def _quantize(model: torch.nn.Module, method: str, path: Path) -> str:
         raise InvalidConfigError(str(exc), "quantization") from exc
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     source = model_fingerprint(path, dtype, None)
-    saved = cache_dir() / "quantized" / f"{path.name}-{dtype}-{source[:16]}.safetensors"
+    # The two model paths hold the same weights under different module names.
+    impl = "" if getattr(model, "impl", "native") == "native" else "-generic"
+    saved = (
+        cache_dir()
+        / "quantized"
+        / f"{path.name}-{dtype}{impl}-{source[:16]}.safetensors"
+    )
     if saved.exists():
         try:
             ran = int8.load_quantized(model, saved, method=resolved, source=source)

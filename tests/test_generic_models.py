@@ -250,3 +250,27 @@ def test_gemma3_chunked_prefill_past_the_window(
         ids, SamplingParams(max_tokens=GEMMA_MAX_NEW, temperature=0)
     )
     check_tie_rule(outs, [hf_greedy(gemma_hf, p, GEMMA_MAX_NEW) for p in ids])
+
+
+def test_int8_on_the_generic_path(
+    tmp_path: Path, engine: Engine, make_engine: Any, monkeypatch: Any
+) -> None:
+    """int8 quantizes the generic model's linears, saves them apart from the native
+    path's, and reloads them without quantizing again."""
+    from llmprod.quant import int8
+
+    monkeypatch.setenv("LLMPROD_CACHE_DIR", str(tmp_path / "cache"))
+    path = save_tiny("qwen2", tmp_path, engine.model_path, config=tiny_config("qwen2"))
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    first = make_engine(str(path), model_impl="generic", quantization="int8-wo")
+    q_proj = first.model.hf_model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, int8.WeightOnlyInt8Linear)
+    saved = list((tmp_path / "cache" / "quantized").glob("*-generic-*.safetensors"))
+    assert len(saved) == 1
+    calls: list[Any] = []
+    monkeypatch.setattr(int8, "quantize_model", lambda *a, **k: calls.append(a))
+    again = make_engine(str(path), model_impl="generic", quantization="int8-wo")
+    assert calls == []  # reloaded, not quantized again
+    assert [o.token_ids for o in again.generate(TINY_PROMPTS, sp)] == [
+        o.token_ids for o in first.generate(TINY_PROMPTS, sp)
+    ]

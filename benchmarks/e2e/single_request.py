@@ -1,5 +1,6 @@
-"""Single-request decode speed: llmprod (fp32 and int8) against transformers
-``generate`` at batch 1, same prompt, same number of new tokens, in one run.
+"""Single-request decode speed: llmprod (fp32 native and generic paths, int8)
+against transformers ``generate`` at batch 1, same prompt, same number of new
+tokens, in one run.
 
     python -m benchmarks.e2e.single_request --new-tokens 128 --repeats 3
 """
@@ -46,6 +47,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     fp32 = Engine.from_pretrained("smollm2-135m", kv_cache_memory="256MiB",
                                   enable_prefix_caching=False)  # fmt: skip
+    generic = Engine.from_pretrained("smollm2-135m", kv_cache_memory="256MiB",
+                                     enable_prefix_caching=False,
+                                     model_impl="generic")  # fmt: skip
     q8 = Engine.from_pretrained("smollm2-135m", kv_cache_memory="256MiB",
                                 enable_prefix_caching=False, quantization="int8")  # fmt: skip
     hf = AutoModelForCausalLM.from_pretrained(
@@ -54,13 +58,16 @@ def main() -> None:
     ids = fp32.render_chat([{"role": "user", "content": PROMPT}])
     n = args.new_tokens
     runs: dict[str, list[float]] = {"transformers generate (fp32)": [],
-                                    "llmprod fp32": [], "llmprod int8": []}  # fmt: skip
+                                    "llmprod fp32": [], "llmprod fp32 generic": [],
+                                    "llmprod int8": []}  # fmt: skip
     hf_run(hf, ids, 8)
     engine_run(fp32, ids, 8)
+    engine_run(generic, ids, 8)
     engine_run(q8, ids, 8)
     for _ in range(args.repeats):  # interleaved
         runs["transformers generate (fp32)"].append(hf_run(hf, ids, n))
         runs["llmprod fp32"].append(engine_run(fp32, ids, n))
+        runs["llmprod fp32 generic"].append(engine_run(generic, ids, n))
         runs["llmprod int8"].append(engine_run(q8, ids, n))
     base = statistics.median(runs["transformers generate (fp32)"])
     print(f"one request, {len(ids)} prompt tokens, {n} new tokens (prefill included), "
@@ -70,6 +77,7 @@ def main() -> None:
         med = statistics.median(vals)
         print(f"| {name} | {med:.1f} | {med / base:.2f}x |")
     fp32.close()
+    generic.close()
     q8.close()
 
 
