@@ -31,6 +31,37 @@ def test_triton_backend_matches_torch_backend(
     assert [o.token_ids for o in tri.generate(prompts, params)] == expected
 
 
+def test_triton_backend_on_the_generic_path(
+    tmp_path: Path, engine: Engine, make_engine: Any
+) -> None:
+    """Gemma 2 through transformers' code: the kernel applies the sliding window,
+    the score soft-capping and the scale the model hands to attention, and gives
+    transformers' own greedy tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import first_divergence, hf_greedy
+    from tests.test_generic_models import tiny_config
+    from tests.test_native_models import save_tiny
+
+    path = save_tiny("gemma2", tmp_path, engine.model_path, tiny_config("gemma2"))
+    tri = make_engine(
+        str(path),
+        model_impl="generic",
+        attention_backend="triton",
+        num_kv_blocks=32,
+        max_num_batched_tokens=32,
+        max_num_seqs=4,
+    )
+    assert (tri.model_impl, tri.backend.name) == ("generic", "triton")
+    prompts = [[7, 8, 9] * 4, [5, 17, 300, 42] * 10]  # past the window of 8
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for p, o in zip(prompts, tri.generate(prompts, params)):
+        ref, scores = hf_greedy(hf, p, 5)
+        assert first_divergence(o.token_ids[: len(ref)], ref, scores) is None
+
+
 def test_triton_without_gpu_or_interpreter_is_a_clear_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
