@@ -43,9 +43,11 @@ WORDS = [
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--block-size", type=int, default=None, help="KV block size")
     args = ap.parse_args()
     rng = random.Random(0)
-    eng = Engine.from_pretrained("smollm2-135m")
+    opts = {} if args.block_size is None else {"block_size": args.block_size}
+    eng = Engine.from_pretrained("smollm2-135m", **opts)
     spent: collections.Counter[str] = collections.Counter()
 
     def timed(obj: Any, name: str, label: str) -> None:
