@@ -127,6 +127,9 @@ class EngineConfig:
     modeling code with paged attention), "native" or "generic"."""
     quantization: str | None = None
     """None, "int8" (best measured path), "int8-wo" or "int8-bnb"."""
+    quantization_skip: tuple[str, ...] = ("lm_head", "embed_tokens")
+    """Modules int8 leaves in full precision (a name, a dotted suffix or a parent,
+    e.g. "mlp.down_proj"); ``()`` quantizes lm_head too."""
     cache: Any = None
     """Exact response cache: a URL ("memory://", "redis://127.0.0.1:6379/0",
     "diskcache:///dir", "s3://bucket/prefix"), a backend or a TieredCache."""
@@ -162,6 +165,14 @@ class EngineConfig:
                 f"{self.attention_backend=} must be one of {_BACKENDS}",
                 "attention_backend",
             )
+        if isinstance(self.quantization_skip, str) or not all(
+            isinstance(x, str) for x in self.quantization_skip
+        ):
+            raise InvalidConfigError(
+                f"{self.quantization_skip=} must be a list of module names",
+                "quantization_skip",
+            )
+        object.__setattr__(self, "quantization_skip", tuple(self.quantization_skip))
         if self.model_impl not in _MODEL_IMPLS:
             raise InvalidConfigError(
                 f"{self.model_impl=} must be one of {_MODEL_IMPLS}", "model_impl"

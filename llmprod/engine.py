@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import hashlib
 import itertools
 import logging
 import queue
@@ -209,7 +210,9 @@ class Engine:
         else:
             nn_model = build_model(hf_config, path, dtype, device, config.model_impl)
             if config.quantization is not None:
-                quant = _quantize(nn_model, config.quantization, path)
+                quant = _quantize(
+                    nn_model, config.quantization, path, config.quantization_skip
+                )
                 quant_source = "quantized-at-load"
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(
@@ -914,7 +917,12 @@ def _future_setter(
     return set_
 
 
-def _quantize(model: torch.nn.Module, method: str, path: Path) -> str:
+def _quantize(
+    model: torch.nn.Module,
+    method: str,
+    path: Path,
+    skip: tuple[str, ...] = ("lm_head", "embed_tokens"),
+) -> str:
     """Quantize once, reuse: the int8 weights are saved in the model cache and
     reloaded (with their scales) by later loads instead of quantizing again."""
     from llmprod.cache.response import model_fingerprint
@@ -930,6 +938,8 @@ def _quantize(model: torch.nn.Module, method: str, path: Path) -> str:
     source = model_fingerprint(path, dtype, None)
     # The two model paths hold the same weights under different module names.
     impl = "" if getattr(model, "impl", "native") == "native" else "-generic"
+    if skip != ("lm_head", "embed_tokens"):  # another set of int8 layers
+        impl += "-skip" + hashlib.sha256(repr(sorted(skip)).encode()).hexdigest()[:8]
     saved = (
         cache_dir()
         / "quantized"
@@ -942,7 +952,7 @@ def _quantize(model: torch.nn.Module, method: str, path: Path) -> str:
             return str(ran)
         except int8.QuantizedCheckpointError as exc:
             logger.warning("ignoring the saved int8 weights %s: %s", saved, exc)
-    ran = int8.quantize_model(model, method=resolved)
+    ran = int8.quantize_model(model, method=resolved, skip=skip)
     saved.parent.mkdir(parents=True, exist_ok=True)
     int8.save_quantized(model, saved, source=source)
     logger.info("int8 (%s) quantized; saved to %s", ran, saved)

@@ -52,6 +52,9 @@ def main() -> None:
                                      model_impl="generic")  # fmt: skip
     q8 = Engine.from_pretrained("smollm2-135m", kv_cache_memory="256MiB",
                                 enable_prefix_caching=False, quantization="int8")  # fmt: skip
+    q8_head = Engine.from_pretrained("smollm2-135m", kv_cache_memory="256MiB",
+                                     enable_prefix_caching=False, quantization="int8",
+                                     quantization_skip=["embed_tokens"])  # fmt: skip
     hf = AutoModelForCausalLM.from_pretrained(
         fp32.model_path, dtype=torch.float32
     ).eval()
@@ -59,16 +62,19 @@ def main() -> None:
     n = args.new_tokens
     runs: dict[str, list[float]] = {"transformers generate (fp32)": [],
                                     "llmprod fp32": [], "llmprod fp32 generic": [],
-                                    "llmprod int8": []}  # fmt: skip
+                                    "llmprod int8": [],
+                                    "llmprod int8, lm_head int8 too": []}  # fmt: skip
     hf_run(hf, ids, 8)
     engine_run(fp32, ids, 8)
     engine_run(generic, ids, 8)
     engine_run(q8, ids, 8)
+    engine_run(q8_head, ids, 8)
     for _ in range(args.repeats):  # interleaved
         runs["transformers generate (fp32)"].append(hf_run(hf, ids, n))
         runs["llmprod fp32"].append(engine_run(fp32, ids, n))
         runs["llmprod fp32 generic"].append(engine_run(generic, ids, n))
         runs["llmprod int8"].append(engine_run(q8, ids, n))
+        runs["llmprod int8, lm_head int8 too"].append(engine_run(q8_head, ids, n))
     base = statistics.median(runs["transformers generate (fp32)"])
     print(f"one request, {len(ids)} prompt tokens, {n} new tokens (prefill included), "
           f"{args.threads} threads, median of {args.repeats}")  # fmt: skip
@@ -79,6 +85,7 @@ def main() -> None:
     fp32.close()
     generic.close()
     q8.close()
+    q8_head.close()
 
 
 if __name__ == "__main__":

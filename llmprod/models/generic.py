@@ -122,9 +122,7 @@ class GenericForCausalLM(nn.Module):
         cfg: Any = hf_model.config
         self.hf_model = hf_model
         self.config = cfg
-        self.base: Any = hf_model.base_model
-        self.lm_head: Any = hf_model.get_output_embeddings()
-        if self.lm_head is None:
+        if hf_model.get_output_embeddings() is None:
             raise UnsupportedModelError(
                 f"{type(hf_model).__name__} has no output embeddings (not a causal LM)",
                 "model",
@@ -137,6 +135,16 @@ class GenericForCausalLM(nn.Module):
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
         self.logit_scale = getattr(cfg, "logit_scale", None)  # Cohere: multiply
         self.logits_scaling = getattr(cfg, "logits_scaling", None)  # Granite: divide
+
+    # Looked up on the wrapped model each time (not registered twice), so a
+    # module swapped in by quantization is the one that runs.
+    @property
+    def base(self) -> Any:
+        return self.hf_model.base_model
+
+    @property
+    def lm_head(self) -> Any:
+        return self.hf_model.get_output_embeddings()
 
     def forward(
         self,

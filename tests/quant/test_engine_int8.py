@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from llmprod import Engine, SamplingParams
 from llmprod.quant import int8
@@ -95,3 +96,27 @@ def test_second_load_reuses_the_saved_int8_weights(
         )
     finally:
         eng.close()
+
+
+def test_lm_head_in_int8_when_asked(engine: Engine, make_engine: Any) -> None:
+    """quantization_skip=["embed_tokens"] quantizes the (tied) lm_head as well: the
+    embedding stays full precision, perplexity stays within 2% of fp32."""
+    eng = make_engine(
+        "smollm2-135m",
+        quantization="int8",
+        quantization_skip=["embed_tokens"],
+        kv_cache_memory="256MiB",
+    )
+    assert isinstance(eng.model.lm_head, int8.WeightOnlyInt8Linear)
+    assert eng.model.model.embed_tokens.weight.dtype == torch.float32
+    assert not isinstance(engine.model.lm_head, int8.WeightOnlyInt8Linear)
+    ref = perplexity(engine, ENGLISH)
+    assert abs(perplexity(eng, ENGLISH) - ref) / ref <= 0.02
+
+
+def test_quantization_skip_must_be_names() -> None:
+    from llmprod.errors import InvalidConfigError
+
+    with pytest.raises(InvalidConfigError) as info:
+        Engine.from_pretrained("smollm2-135m", quantization_skip="lm_head")
+    assert info.value.field == "quantization_skip"
