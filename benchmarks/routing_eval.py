@@ -19,12 +19,17 @@ for each policy, as a one-turn chat, greedy, and reports:
 Engines: ``small`` is SmolLM2-135M-Instruct with int8 weights
 (``quantization="int8"``) and ``large`` the same model in float32. If the int8
 path fails to load, ``small`` falls back to float32 (then the two engines compute
-the same thing and only the prices differ); the report says which ran.
+the same thing and only the prices differ); the report says which ran. With
+``--pair models``, ``small`` is SmolLM2-135M-Instruct and ``large`` Gemma 3 270M
+base, both float32; SmolLM2 gets its chat template and Gemma, which has none, a
+plain ``Question: ...\\nAnswer:`` template.
 
 Usage::
 
     python -m benchmarks.routing_eval --max-tokens 48 \\
         --out benchmarks/results/routing_eval.json
+    python -m benchmarks.routing_eval --pair models --max-tokens 48 \\
+        --out benchmarks/results/routing_eval_models.json
 """
 
 from __future__ import annotations
@@ -76,8 +81,19 @@ def load_prompts(path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def build_engines(kv: str) -> tuple[dict[str, Engine], str]:
-    """The small (int8) and large (float32) engines, and a note on what ran."""
+QA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}Question: "
+    "{{ m['content'] }}\n{% endif %}{% endfor %}Answer:"
+)
+
+
+def build_engines(kv: str, pair: str = "int8") -> tuple[dict[str, Engine], str]:
+    """The small and large engines, and a note on what ran.
+
+    ``pair="int8"``: SmolLM2-135M-Instruct in int8 (small) and float32 (large).
+    ``pair="models"``: two models, SmolLM2-135M-Instruct (small) and Gemma 3 270M
+    base (large, on the generic path), both float32.
+    """
     # No prefix caching: every policy then sees cold engines and computes the
     # same thing for the same prompt (a cache hit changes the shapes of the
     # prefill, which can flip a near-tied greedy token).
@@ -87,6 +103,18 @@ def build_engines(kv: str) -> tuple[dict[str, Engine], str]:
         "seed": 0,
         "enable_prefix_caching": False,
     }
+    if pair == "models":
+        small = Engine.from_pretrained("smollm2-135m", **opts)
+        large = Engine.from_pretrained("gemma3-270m", **opts)
+        # The base model has no chat template; give it a plain question/answer one
+        # (the Router renders each conversation with each engine's own template).
+        large.tokenizer.chat_template = QA_TEMPLATE
+        note = (
+            "small = SmolLM2-135M-Instruct float32 (its chat template), large = "
+            f"Gemma 3 270M base float32 ({large.model_impl} path, prompts as "
+            "'Question: ...\\nAnswer:')"
+        )
+        return {"small": small, "large": large}, note
     large = Engine.from_pretrained("smollm2-135m", **opts)
     try:
         small = Engine.from_pretrained("smollm2-135m", quantization="int8", **opts)
@@ -100,13 +128,17 @@ def build_engines(kv: str) -> tuple[dict[str, Engine], str]:
 def run_policy(
     name: str,
     router: Router,
-    convs: list[list[dict[str, str]]],
+    convs: list[Any],
     params: SamplingParams,
 ) -> dict[str, Any]:
-    """Answer every conversation through the router; time the whole batch."""
+    """Answer every conversation (or text prompt) through the router; time the
+    whole batch."""
     router.reset_stats()
     t0 = time.perf_counter()
-    outs = router.chat(convs, params)
+    if convs and isinstance(convs[0], str):
+        outs: Any = router.generate(convs, params)
+    else:
+        outs = router.chat(convs, params)
     wall = time.perf_counter() - t0
     assert isinstance(outs, list)
     return {"name": name, "outs": outs, "wall_s": wall, "stats": router.stats()}
@@ -121,11 +153,15 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     hard = np.array([lab == "hard" for lab in labels])
     convs = [[{"role": "user", "content": r["prompt"]}] for r in rows]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
+    if args.pair == "models":  # the base model would go on to ask itself more
+        params = SamplingParams(
+            max_tokens=args.max_tokens, temperature=0, stop=["\nQuestion:"]
+        )
     prices = {"small": args.price_small, "large": args.price_large}
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    engines, note = build_engines(args.kv_cache_memory)
+    engines, note = build_engines(args.kv_cache_memory, args.pair)
     print(note, flush=True)
     for e in engines.values():  # warm both up before anything is timed
         e.generate("Hello", SamplingParams(max_tokens=4, temperature=0))
@@ -256,6 +292,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="min_confidence values (mean token log-probability) to evaluate",
     )  # fmt: skip
     parser.add_argument("--kv-cache-memory", default="256MiB")
+    parser.add_argument(
+        "--pair",
+        choices=["int8", "models"],
+        default="int8",
+        help="int8: SmolLM2 int8 vs float32; models: SmolLM2-135M vs Gemma 3 270M",
+    )
     parser.add_argument(
         "--threads", type=int, default=0, help="torch threads (0: default)"
     )
