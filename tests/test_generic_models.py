@@ -27,6 +27,8 @@ WINDOW = 8  # tiny sliding windows, far shorter than the prompts below
 def tiny_config(arch: str) -> Any:
     import transformers as tf
 
+    if arch == "llama":
+        return tf.LlamaConfig(**COMMON, tie_word_embeddings=True)
     if arch == "qwen2":
         return tf.Qwen2Config(**COMMON, tie_word_embeddings=False)
     if arch == "mistral-sliding":
@@ -75,7 +77,8 @@ TINY_PROMPTS = [[5, 17, 300, 42] * k for k in (3, 5, 9)] + [list(range(100, 180)
 
 
 @pytest.mark.parametrize(
-    "arch", ["qwen2", "mistral-sliding", "phi3", "gpt2", "opt", "gemma2", "gemma3"]
+    "arch",
+    ["llama", "qwen2", "mistral-sliding", "phi3", "gpt2", "opt", "gemma2", "gemma3"],
 )
 def test_tiny_model_greedy_equals_transformers_on_generic_path(
     arch: str, tmp_path: Path, engine: Engine, make_engine: Any
