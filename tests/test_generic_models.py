@@ -277,3 +277,16 @@ def test_int8_on_the_generic_path(
     assert [o.token_ids for o in again.generate(TINY_PROMPTS, sp)] == [
         o.token_ids for o in first.generate(TINY_PROMPTS, sp)
     ]
+
+
+@pytest.mark.slow
+def test_smollm2_on_the_generic_path_equals_transformers(
+    engine: Engine, hf_model: Any, make_engine: Any
+) -> None:
+    """The real SmolLM2 through transformers' own Llama code and paged attention."""
+    generic = make_engine(
+        "smollm2-135m", model_impl="generic", kv_cache_memory="256MiB"
+    )
+    ids = [engine.tokenizer.encode(p) for p in TEXT_PROMPTS[:6] + TEXT_PROMPTS[-2:]]
+    outs = generic.generate(ids, SamplingParams(max_tokens=16, temperature=0))
+    check_tie_rule(outs, [hf_greedy(hf_model, p, 16) for p in ids])
