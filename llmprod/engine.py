@@ -110,7 +110,7 @@ class Engine:
         """"native" (llmprod's own model code) or "generic" (transformers')."""
         self.vocab_size = int(hf_config.vocab_size)
         self.max_model_len = max_model_len(hf_config, config.max_model_len)
-        self.eos_token_ids = eos_token_ids(hf_config, tokenizer)
+        self.eos_token_ids = eos_token_ids(hf_config, tokenizer, model_path)
         cc = config.cache_config
         self.block_size = cc.block_size
         self.num_blocks = ModelRunner.num_blocks_for(model, cc, self.dtype)

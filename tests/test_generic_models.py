@@ -290,3 +290,24 @@ def test_smollm2_on_the_generic_path_equals_transformers(
     ids = [engine.tokenizer.encode(p) for p in TEXT_PROMPTS[:6] + TEXT_PROMPTS[-2:]]
     outs = generic.generate(ids, SamplingParams(max_tokens=16, temperature=0))
     check_tie_rule(outs, [hf_greedy(hf_model, p, 16) for p in ids])
+
+
+def test_generation_config_eos_tokens_end_generation(
+    tmp_path: Path, engine: Engine, make_engine: Any
+) -> None:
+    """End-of-turn tokens listed only in generation_config.json stop generation,
+    as they stop transformers' generate."""
+    import json
+
+    path = save_tiny("qwen2", tmp_path, engine.model_path, tiny_config("qwen2"))
+    tiny = make_engine(str(path), num_kv_blocks=16)
+    free = tiny.generate([[5, 17, 300]], SamplingParams(max_tokens=6, temperature=0))[0]
+    stop_at = free.token_ids[2]
+    gen = json.loads((path / "generation_config.json").read_text())
+    gen["eos_token_id"] = [gen.get("eos_token_id") or 0, stop_at]
+    (path / "generation_config.json").write_text(json.dumps(gen))
+    again = make_engine(str(path), num_kv_blocks=16)
+    assert stop_at in again.eos_token_ids
+    out = again.generate([[5, 17, 300]], SamplingParams(max_tokens=6, temperature=0))[0]
+    assert out.token_ids == free.token_ids[: free.token_ids.index(stop_at) + 1]
+    assert out.finish_reason == "stop"

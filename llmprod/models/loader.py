@@ -171,10 +171,23 @@ def max_model_len(hf_config: Any, requested: int | None) -> int:
     return requested
 
 
-def eos_token_ids(hf_config: Any, tokenizer: Any) -> tuple[int, ...]:
-    """End-of-sequence ids from the config and the tokenizer."""
+def eos_token_ids(
+    hf_config: Any, tokenizer: Any, path: Path | None = None
+) -> tuple[int, ...]:
+    """End-of-sequence ids from the config, the tokenizer and, when the folder has
+    one, ``generation_config.json`` (where chat models list their end-of-turn
+    tokens)."""
+    import json
+
+    sources = [getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id]
+    gen = path / "generation_config.json" if path is not None else None
+    if gen is not None and gen.exists():
+        try:
+            sources.append(json.loads(gen.read_text()).get("eos_token_id"))
+        except (OSError, ValueError):
+            logger.warning("could not read %s; using the config's EOS only", gen)
     ids: set[int] = set()
-    for src in (getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id):
+    for src in sources:
         if isinstance(src, int):
             ids.add(src)
         elif isinstance(src, (list, tuple)):
