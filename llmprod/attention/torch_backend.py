@@ -66,6 +66,10 @@ def _softcapped(
     return torch.matmul(probs, v)
 
 
+# (first row, end row, block ids to gather or None, mask or None)
+_Gather = tuple[int, int, "torch.Tensor | None", "torch.Tensor | None"]
+
+
 class TorchAttentionBackend:
     """Paged attention with torch ops; runs anywhere torch runs."""
 
@@ -95,49 +99,68 @@ class TorchAttentionBackend:
                 prefills.append((t0, t1, meta.block_tables[s, :num_blocks]))
         meta.backend_state["torch"] = (groups, prefills, {})
 
-    def _masks(
+    def _plan(
         self, meta: AttentionMetadata, window: int | None
-    ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
-        """Masks of the decode groups and prefill chunks for one window, built once
-        per step. ``None`` = no mask needed (or, for a chunk with no earlier
+    ) -> tuple[list[_Gather], list[_Gather]]:
+        """What each decode group and prefill chunk gathers and masks for one
+        attention window, built once per step and reused by every layer with that
+        window. A window shorter than the context gathers only the blocks the
+        window reaches, so a local layer reads ``window`` keys, not the whole
+        context. Mask ``None`` = none needed (or, for a chunk with no earlier
         context, plain causal)."""
         groups, prefills, cache = meta.backend_state["torch"]
         if window in cache:
             return cache[window]  # type: ignore[no-any-return]
         bs = meta.block_size
         device = meta.block_tables.device
-        group_masks: list[torch.Tensor | None] = []
+        group_plan: list[_Gather] = []
         for lo, hi, blocks in groups:
             lens = meta.seq_lens_host[lo:hi]
-            padded = blocks.numel() // (hi - lo) * bs
-            windowed = window is not None and max(lens) > window
-            if min(lens) == padded and not windowed:
-                group_masks.append(None)
+            n = hi - lo
+            padded = blocks.numel() // n * bs
+            if window is None or max(lens) <= window:
+                mask = None
+                if min(lens) != padded:
+                    lens_t = torch.tensor(lens, device=device)[:, None]
+                    pos = torch.arange(padded, device=device)[None, :]
+                    mask = (pos < lens_t)[:, None, None, :]  # [n, 1, 1, L]
+                group_plan.append((lo, hi, blocks, mask))
                 continue
+            # Per sequence, the blocks from the first one its window reaches.
+            first = [max(0, length - window) // bs for length in lens]
+            count = max(-(-length // bs) - f for length, f in zip(lens, first))
+            cols = torch.tensor(first, device=device)[:, None] + torch.arange(
+                count, device=device
+            )
+            table = meta.block_tables[lo:hi]
+            ids = table.gather(1, cols.clamp(max=table.shape[1] - 1)).reshape(-1)
+            pos = (cols[:, :, None] * bs + torch.arange(bs, device=device)).reshape(
+                n, -1
+            )
             lens_t = torch.tensor(lens, device=device)[:, None]
-            pos = torch.arange(padded, device=device)[None, :]
-            mask = pos < lens_t
-            if window is not None and windowed:
-                mask &= pos >= lens_t - window
-            group_masks.append(mask[:, None, None, :])  # [n, 1, 1, L]
-        prefill_masks: list[torch.Tensor | None] = []
+            mask = (pos < lens_t) & (pos >= lens_t - window)
+            group_plan.append((lo, hi, ids, mask[:, None, None, :]))
+        prefill_plan: list[_Gather] = []
         for i, (t0, t1, blocks) in enumerate(prefills):
             q_len = t1 - t0
             seq_len = meta.seq_lens_host[meta.num_decodes + i]
             if blocks is None and (window is None or window >= q_len):
-                prefill_masks.append(None)
+                prefill_plan.append((t0, t1, None, None))
                 continue
+            skip = 0  # leading blocks no query of the chunk can see
+            if blocks is not None and window is not None:
+                skip = max(0, seq_len - q_len - window + 1) // bs
+                blocks = blocks[skip:]
             kv_len = q_len if blocks is None else blocks.numel() * bs
             q_pos = torch.arange(seq_len - q_len, seq_len, device=device)[:, None]
             k_pos = torch.arange(kv_len, device=device)[None, :]
-            if blocks is None:
-                k_pos = k_pos + (seq_len - q_len)
+            k_pos = k_pos + ((seq_len - q_len) if blocks is None else skip * bs)
             mask = k_pos <= q_pos
             if window is not None:
                 mask &= k_pos > q_pos - window
-            prefill_masks.append(mask[None, None])  # [1, 1, q_len, L]
-        cache[window] = (group_masks, prefill_masks)
-        return group_masks, prefill_masks
+            prefill_plan.append((t0, t1, blocks, mask[None, None]))  # [1,1,q,L]
+        cache[window] = (group_plan, prefill_plan)
+        return group_plan, prefill_plan
 
     def forward(
         self,
@@ -155,16 +178,16 @@ class TorchAttentionBackend:
         flat[0].index_copy_(0, meta.slot_mapping, key)
         flat[1].index_copy_(0, meta.slot_mapping, value)
         out = torch.empty_like(query)
-        groups, prefills, _ = meta.backend_state["torch"]
-        group_masks, prefill_masks = self._masks(meta, sliding_window)
-        for (lo, hi, blocks), mask in zip(groups, group_masks):
+        group_plan, prefill_plan = self._plan(meta, sliding_window)
+        for lo, hi, blocks, mask in group_plan:
+            assert blocks is not None
             n = hi - lo
             kv = kv_cache.index_select(1, blocks).view(2, n, -1, num_kv_heads, head_dim)
             q = query[lo:hi].unsqueeze(2)  # [n, num_heads, 1, head_dim]
             k = kv[0].transpose(1, 2)  # [n, num_kv_heads, L, head_dim]
             v = kv[1].transpose(1, 2)
             out[lo:hi] = _sdpa(q, k, v, mask, False, scale, softcap).squeeze(2)
-        for (t0, t1, blocks), mask in zip(prefills, prefill_masks):
+        for t0, t1, blocks, mask in prefill_plan:
             q = query[t0:t1].transpose(0, 1).unsqueeze(0)  # [1, num_heads, q_len, d]
             if blocks is None:
                 k = key[t0:t1].transpose(0, 1).unsqueeze(0)
