@@ -144,6 +144,8 @@ class LlamaForCausalLM(nn.Module):
     """Flat-batch Llama: ``forward`` returns hidden states, ``compute_logits`` the
     logits of the rows that are sampled."""
 
+    impl = "native"
+
     # HF checkpoint name -> (our parameter name, shard) for the fused projections.
     _FUSED = {
         "q_proj": ("qkv_proj", 0),

@@ -43,13 +43,19 @@ def native_unsupported(config: Any) -> str | None:
     act = getattr(config, "hidden_act", "silu")
     if act != "silu":
         return f"hidden_act={act!r} (the native Llama path runs silu)"
-    layer_types = getattr(config, "layer_types", None) or []
-    odd = sorted(
-        {t for t in layer_types if t not in ("full_attention", "sliding_attention")}
-    )
+    odd = unsupported_layer_types(config)
     if odd:
         return f"layer types {odd}"
     return None
+
+
+def unsupported_layer_types(config: Any) -> list[str]:
+    """The config's layer types other than full and sliding-window attention, the
+    only ones either path runs."""
+    layer_types = getattr(config, "layer_types", None) or []
+    return sorted(
+        {t for t in layer_types if t not in ("full_attention", "sliding_attention")}
+    )
 
 
 def check_supported(config: Any) -> None:
@@ -80,7 +86,7 @@ def build_model(
     impl: str = "auto",
 ) -> nn.Module:
     """The model for ``config``: native, or transformers' own code with paged
-    attention (``impl="generic"``). The returned module has ``impl`` set.
+    attention (``impl="generic"``). The returned module's ``impl`` says which.
 
     Raises:
         UnsupportedModelError: ``impl="native"`` for an architecture without a
@@ -102,14 +108,9 @@ def _build_native(
 ) -> nn.Module:
     """Instantiate the native model without random init and load the checkpoint."""
     check_supported(config)
-    cls = NATIVE_MODELS[config.model_type]
     with torch.device("meta"):
-        model = cls(config)
-    model = model.to_empty(device=device).to(dtype)
-    if getattr(model, "tie_word_embeddings", False):
-        model.lm_head.weight = model.model.embed_tokens.weight  # type: ignore[union-attr]
-    # RoPE tables stay float32, computed as transformers computes them.
-    model.model.rotary_emb = _rotary_module(config).to(device)  # type: ignore[union-attr]
+        model = NATIVE_MODELS[config.model_type](config)
+    model = materialize_native(model, config, dtype, device)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"no .safetensors files in {str(path)!r}")
@@ -121,8 +122,20 @@ def _build_native(
         ) from exc
     model.eval()
     model.requires_grad_(False)
-    model.impl = "native"  # type: ignore[assignment]
     logger.info("model %s runs on the native path", config.model_type)
+    return model
+
+
+def materialize_native(
+    model: nn.Module, config: Any, dtype: torch.dtype, device: torch.device
+) -> nn.Module:
+    """Allocate a native model built on the meta device (uninitialised, in
+    ``dtype``), re-tie its embeddings and give it float32 RoPE tables computed as
+    transformers computes them. The weights are loaded afterwards."""
+    model = model.to_empty(device=device).to(dtype)
+    if getattr(model, "tie_word_embeddings", False):
+        model.lm_head.weight = model.model.embed_tokens.weight  # type: ignore[union-attr]
+    model.model.rotary_emb = _rotary_module(config).to(device)  # type: ignore[union-attr]
     return model
 
 

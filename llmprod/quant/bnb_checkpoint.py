@@ -27,6 +27,7 @@ from llmprod.quant.int8 import (
     QuantizedCheckpointError,
     _runtime_module,
     _set_submodule,
+    dequantize_per_channel,
     resolve_method,
 )
 
@@ -271,10 +272,6 @@ def _check_format(name: str, fmt: torch.Tensor) -> None:
         )
 
 
-def _dequantized(q: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
-    return q.to(torch.float32) * (scb.to(torch.float32) / 127.0)[:, None]
-
-
 def load_bnb_int8_model(
     hf_config: Any,
     path: Path,
@@ -310,8 +307,11 @@ def load_bnb_int8_model(
             (``field`` names the tensor).
         ModelLoadError: other tensors missing or of the wrong shape.
     """
-    from llmprod.models.llama import _rotary_module
-    from llmprod.models.loader import NATIVE_MODELS, check_supported
+    from llmprod.models.loader import (
+        NATIVE_MODELS,
+        check_supported,
+        materialize_native,
+    )
 
     is_bnb_int8_checkpoint(hf_config)
     check_supported(hf_config)
@@ -344,10 +344,7 @@ def load_bnb_int8_model(
     # The int8 layers never get a full-precision weight: placeholders hold the bias.
     for native in plan:
         _set_submodule(model, native, _PendingInt8(model.get_submodule(native)))
-    model = model.to_empty(device=device).to(dtype)
-    if getattr(model, "tie_word_embeddings", False):
-        model.lm_head.weight = model.model.embed_tokens.weight  # type: ignore[union-attr]
-    model.model.rotary_emb = _rotary_module(hf_config).to(device)  # type: ignore[union-attr]
+    model = materialize_native(model, hf_config, dtype, device)
 
     int8_modules = {hf for shards in plan.values() for hf in shards.values()}
     skip = {
@@ -374,7 +371,7 @@ def load_bnb_int8_model(
                 w, s = pending.get(f"{base}.weight"), pending.get(f"{base}.SCB")
                 if w is not None and s is not None:
                     _check_pair(base, w, s, w.shape[0], w.shape[1])
-                    yield f"{base}.weight", _dequantized(w, s).to(dtype)
+                    yield f"{base}.weight", dequantize_per_channel(w, s / 127.0, dtype)
                     del pending[f"{base}.weight"], pending[f"{base}.SCB"]
                 continue
             yield key, t
@@ -428,7 +425,6 @@ def load_bnb_int8_model(
         _set_submodule(model, native, new)
     model.eval()
     model.requires_grad_(False)
-    model.impl = "native"  # type: ignore[assignment]  # as build_model marks it
     logger.info(
         "loaded the bitsandbytes int8 checkpoint %s: %d int8 linear layers, method %s",
         path,
