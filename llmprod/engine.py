@@ -921,7 +921,7 @@ def _quantize(
     model: torch.nn.Module,
     method: str,
     path: Path,
-    skip: tuple[str, ...] = ("lm_head", "embed_tokens"),
+    skip: tuple[str, ...],
 ) -> str:
     """Quantize once, reuse: the int8 weights are saved in the model cache and
     reloaded (with their scales) by later loads instead of quantizing again."""
@@ -938,7 +938,7 @@ def _quantize(
     source = model_fingerprint(path, dtype, None)
     # The two model paths hold the same weights under different module names.
     impl = "" if getattr(model, "impl", "native") == "native" else "-generic"
-    if skip != ("lm_head", "embed_tokens"):  # another set of int8 layers
+    if skip != int8.DEFAULT_SKIP:  # another set of int8 layers
         impl += "-skip" + hashlib.sha256(repr(sorted(skip)).encode()).hexdigest()[:8]
     saved = (
         cache_dir()

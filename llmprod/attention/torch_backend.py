@@ -76,8 +76,9 @@ class TorchAttentionBackend:
     name = "torch"
 
     def prepare(self, meta: AttentionMetadata) -> None:
-        """Build block indices once per step (shared by all layers); masks are
-        built on first use per attention window and reused by later layers.
+        """Build block indices once per step (shared by all layers); what each
+        attention window gathers and masks is planned on first use (``_plan``) and
+        reused by later layers with that window.
 
         Keys are gathered a whole block at a time (``index_select`` of contiguous
         ``block_size`` rows), several times faster than gathering token rows;

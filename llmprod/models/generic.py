@@ -31,6 +31,7 @@ from torch import nn
 
 from llmprod.attention.metadata import AttentionMetadata
 from llmprod.errors import UnsupportedModelError
+from llmprod.models.loader import unsupported_layer_types
 
 logger = logging.getLogger("llmprod")
 
@@ -198,10 +199,7 @@ def check_generic_supported(config: Any) -> None:
         raise UnsupportedModelError(
             f"{name} uses bidirectional attention; llmprod's cache is causal", "model"
         )
-    layer_types = getattr(config, "layer_types", None) or []
-    odd = sorted(
-        {t for t in layer_types if t not in ("full_attention", "sliding_attention")}
-    )
+    odd = unsupported_layer_types(config)
     if odd:
         raise UnsupportedModelError(
             f"{name} has layers of type {odd}; the generic path runs full and "
