@@ -96,3 +96,62 @@ def test_unsupported_architecture_is_named(tmp_path: Path, engine: Engine) -> No
     path = save_tiny("gpt2", tmp_path, engine.model_path, config=cfg)
     with pytest.raises(UnsupportedModelError, match=r"GPT2LMHeadModel.*gpt2"):
         Engine.from_pretrained(str(path), model_impl="native")
+
+
+@pytest.mark.parametrize(
+    "rope_scaling",
+    [
+        None,
+        {"rope_type": "linear", "factor": 4.0},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 128,
+        },
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+        {"rope_type": "dynamic", "factor": 2.0},
+    ],
+    ids=lambda s: (s or {}).get("rope_type", "default"),
+)
+def test_rotary_tables_equal_transformers(rope_scaling: dict | None) -> None:
+    # The native model's cos/sin, bit for bit against transformers' own module at
+    # positions past the original context (where scaled types differ most).
+    import transformers as tf
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from llmprod.models.llama import _rotary_module
+
+    config = tf.LlamaConfig(**COMMON, rope_theta=100000.0, rope_scaling=rope_scaling)
+    ours = _rotary_module(config)
+    theirs = LlamaRotaryEmbedding(config=config)
+    x = torch.zeros(1, 3, 8)
+    positions = torch.arange(0, 1024, 7).unsqueeze(0)
+    for got, want in zip(ours(x, positions), theirs(x, positions)):
+        assert got.dtype == want.dtype == torch.float32
+        assert torch.equal(got, want)
+
+
+def test_building_a_native_model_imports_no_dynamo() -> None:
+    # Building on the meta device must not run initializers (or factories) through
+    # torch's reference ops, whose first use imports TorchDynamo: ~100 MB resident.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, transformers as tf\n"
+        "from llmprod.models.loader import meta_construction, materialize_native\n"
+        "from llmprod.models.llama import LlamaForCausalLM\n"
+        "import torch\n"
+        f"cfg = tf.LlamaConfig(**{COMMON!r})\n"
+        "with meta_construction():\n"
+        "    m = LlamaForCausalLM(cfg)\n"
+        "m = materialize_native(m, cfg, torch.float32, torch.device('cpu'))\n"
+        "assert 'torch._dynamo' not in sys.modules, 'dynamo imported'\n"
+        "assert torch.nn.init.normal_.__name__ == 'normal_'\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

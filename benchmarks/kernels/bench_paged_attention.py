@@ -236,7 +236,7 @@ def dense_inputs(
 
 def providers_for(args: argparse.Namespace) -> list[tuple[str, dict]]:
     """(label, paged_attention keyword arguments) per Triton variant to time."""
-    from llmprod.kernels.paged_attention import CONFIGS
+    from llmprod.kernels.triton_paged_attention import CONFIGS
 
     out = []
     if "triton" in args.providers:
@@ -266,7 +266,7 @@ def bench_shape(
     peaks: tuple[float, float],
 ) -> list[Row]:
     from llmprod.kernels import paged_attention
-    from llmprod.kernels.paged_attention import keep
+    from llmprod.kernels.triton_paged_attention import keep
 
     from llmprod.attention.reference import paged_attention_ref
 

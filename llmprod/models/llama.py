@@ -2,8 +2,9 @@
 
 The model takes a flat batch of tokens (no padding) and calls the attention
 backend for every layer. Projections are fused: q/k/v in one linear, gate/up in
-another. Rotary embeddings come from transformers' own rotary module, so every
-RoPE variant the config names is computed exactly as transformers does.
+another. Rotary embeddings use transformers' RoPE parameter functions and compute
+cos/sin as its rotary module does, so every RoPE variant the config names matches
+transformers exactly.
 """
 
 from __future__ import annotations
@@ -259,8 +260,66 @@ def _attention_biases(config: Any) -> tuple[bool, bool]:
     return bias, bias
 
 
-def _rotary_module(config: Any) -> nn.Module:
-    """transformers' own rotary embedding for this config (exact same cos/sin)."""
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+# RoPE types whose inverse frequencies change with the sequence length at run
+# time: these keep transformers' own module (and its dynamic update).
+_DYNAMIC_ROPE = frozenset({"dynamic", "longrope"})
 
-    return LlamaRotaryEmbedding(config=config)
+
+def _rope_parameters(config: Any) -> tuple[str, float]:
+    """(rope_type, rope_theta) from a transformers 5 or 4.x config."""
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and "rope_theta" in params:
+        return str(params.get("rope_type", "default")), float(params["rope_theta"])
+    scaling = getattr(config, "rope_scaling", None) or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    return str(rope_type), float(config.rope_theta)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables computed as transformers' LlamaRotaryEmbedding computes them.
+
+    Written here rather than imported because importing transformers' modeling
+    code pulls in its generation utilities and with them TorchDynamo (and Triton
+    where installed), over 100 MB of resident memory an engine never uses.
+    """
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        rope_type, theta = _rope_parameters(config)
+        # On the CPU even inside a meta-device context (the model is built on
+        # meta): factories on meta run through torch's Python reference ops,
+        # whose first use imports TorchDynamo.
+        with torch.device("cpu"):
+            if rope_type == "default":
+                dim = getattr(config, "head_dim", None) or (
+                    config.hidden_size // config.num_attention_heads
+                )
+                exponent = torch.arange(0, dim, 2, dtype=torch.float) / dim
+                inv_freq = 1.0 / (theta**exponent)
+                scaling = 1.0
+            else:
+                from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+                inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+        self.attention_scaling = float(scaling)
+        self.inv_freq: torch.Tensor
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(
+        self, x: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq.to(device=x.device, dtype=torch.float)
+        freqs = position_ids[..., None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def _rotary_module(config: Any) -> nn.Module:
+    """The rotary embedding for this config (the same cos/sin as transformers)."""
+    if _rope_parameters(config)[0] in _DYNAMIC_ROPE:
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        return LlamaRotaryEmbedding(config=config)
+    return RotaryEmbedding(config)

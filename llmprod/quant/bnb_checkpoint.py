@@ -311,6 +311,7 @@ def load_bnb_int8_model(
         NATIVE_MODELS,
         check_supported,
         materialize_native,
+        meta_construction,
     )
 
     is_bnb_int8_checkpoint(hf_config)
@@ -332,7 +333,7 @@ def load_bnb_int8_model(
     index, int8_names = _tensor_index(files)
 
     cls = NATIVE_MODELS[hf_config.model_type]
-    with torch.device("meta"):
+    with meta_construction():
         model = cls(hf_config)
     plan = _plan(model, index, int8_names)
     if not plan:

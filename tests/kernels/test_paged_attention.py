@@ -16,7 +16,7 @@ pytest.importorskip(
 )
 
 from llmprod.kernels import paged_attention, store_kv
-from llmprod.kernels.paged_attention import (
+from llmprod.kernels.triton_paged_attention import (
     CONFIGS,
     DEFAULT_CONFIG,
     AttentionConfig,
@@ -354,10 +354,10 @@ COMPILE_CHECK = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from llmprod.kernels.paged_attention import (
+    from llmprod.kernels.triton_paged_attention import (
         _merge_kv_splits_kernel, _paged_attention_kernel
     )
-    from llmprod.kernels.store_kv import _store_kv_kernel
+    from llmprod.kernels.triton_store_kv import _store_kv_kernel
 
     def compile_for_gpu(kernel, pointers, constexprs, num_warps, num_stages):
         signature = {

@@ -95,7 +95,7 @@ def check_device(op: str, *tensors: torch.Tensor) -> None:
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"{op} needs CUDA tensors (got {device}); on CPU set TRITON_INTERPRET=1 "
-            "before importing llmprod.kernels to run Triton's interpreter"
+            "before the kernels first load to run Triton's interpreter"
         )
 
 

@@ -46,7 +46,7 @@ import triton.language as tl
 
 from llmprod.attention.reference import paged_attention_ref
 
-from .store_kv import check_device
+from .triton_store_kv import check_device
 
 __all__ = [
     "CONFIGS",
