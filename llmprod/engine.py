@@ -114,6 +114,9 @@ class Engine:
         cc = config.cache_config
         self.block_size = cc.block_size
         self.num_blocks = ModelRunner.num_blocks_for(model, cc, self.dtype)
+        self._kv_block_bytes = ModelRunner.bytes_per_block(
+            model, cc.block_size, self.dtype
+        )
         self.backend = get_attention_backend(config.attention_backend, self.device)
         self.quantization = quantization
         # Where the int8 weights came from: "quantized-at-load" (llmprod quantized
@@ -454,6 +457,8 @@ class Engine:
                 if queries
                 else 0.0,
                 "evictions": kv.pool.num_evictions,
+                "budget_bytes": self.num_blocks * self._kv_block_bytes,
+                "touched_bytes": kv.pool.num_touched_blocks * self._kv_block_bytes,
             },
             scheduler={"preemptions": self.scheduler.num_preemptions},
             cache=self.answers.stats() if self.answers is not None else {},

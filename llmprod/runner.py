@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +23,29 @@ class StepResult:
     sampled: SamplerOutput
     sampled_entries: list[int] = field(default_factory=list)
     """Indices into ``SchedulerOutput.scheduled`` of the rows in ``sampled``."""
+
+
+def zeroed_kv_caches(
+    num_layers: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> list[torch.Tensor]:
+    """One zeroed KV cache per layer.
+
+    Zeroed, not empty: padded decode attention reads slots that were never
+    written, masked to weight 0, and 0 * NaN garbage would still be NaN.
+
+    On the CPU the caches are views of one anonymous memory mapping, which the
+    operating system fills with zero pages on first touch: the budget becomes
+    resident only as blocks are first used, where ``torch.zeros`` would write (and
+    so make resident) all of it at start-up.
+    """
+    if device.type != "cpu":
+        return [
+            torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)
+        ]
+    per_layer = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    buffer = mmap.mmap(-1, max(num_layers * per_layer, 1))
+    whole = torch.frombuffer(buffer, dtype=torch.uint8, count=num_layers * per_layer)
+    return list(whole.view(dtype).view(num_layers, *shape).unbind(0))
 
 
 class ModelRunner:
@@ -55,11 +80,7 @@ class ModelRunner:
         num_layers = int(model.num_layers)  # type: ignore[arg-type]
         kv_heads, head_dim = int(model.num_kv_heads), int(model.head_dim)  # type: ignore[arg-type]
         shape = (2, num_blocks, block_size, kv_heads, head_dim)
-        # Zeroed, not empty: padded decode attention reads slots that were never
-        # written, masked to weight 0, and 0 * NaN garbage would still be NaN.
-        self.kv_caches = [
-            torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)
-        ]
+        self.kv_caches = zeroed_kv_caches(num_layers, shape, dtype, device)
         self.sampler = Sampler(seed, device)
 
     @staticmethod

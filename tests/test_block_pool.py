@@ -20,8 +20,24 @@ def test_allocate_hands_out_lowest_ids_first_and_free_appends_to_tail() -> None:
     # never-used blocks 2, 3 come before the freed ones, then 1 before 0
     assert pool.allocate(4) == [2, 3, 1, 0]
     assert pool.num_free_blocks == 0
-    with pytest.raises(RuntimeError):
-        pool.allocate(1)
+    assert pool.num_touched_blocks == 4
+
+
+def test_touched_blocks_count_each_block_once() -> None:
+    # On the CPU a block's memory becomes resident when first used: the count
+    # behind kv_cache.touched_bytes.
+    pool = BlockPool(8)
+    first = pool.allocate(3)
+    assert pool.num_touched_blocks == 3
+    pool.free(reversed(first))
+    second = pool.allocate(2)  # fresh blocks 3 and 4
+    assert pool.num_touched_blocks == 5
+    third = pool.allocate(6)  # fresh 5, 6, 7, then the freed 2, 1, 0
+    assert third == [5, 6, 7, 2, 1, 0]
+    assert pool.num_touched_blocks == 8
+    pool.free([*second, *third])
+    pool.allocate(8)
+    assert pool.num_touched_blocks == 8
 
 
 def test_double_free_is_an_error() -> None:

@@ -46,6 +46,10 @@ class BlockPool:
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._prefix: dict[int, int] = {}
         self.num_evictions = 0
+        # Distinct blocks ever handed out. Never-used blocks leave the queue first,
+        # so this grows until the pool has been through all of them once.
+        self._touched = bytearray(num_blocks)
+        self.num_touched_blocks = 0
 
     # --- queries -----------------------------------------------------------------
     @property
@@ -85,6 +89,9 @@ class BlockPool:
         out = []
         for _ in range(num_blocks):
             block_id, _ = self._free.popitem(last=False)
+            if not self._touched[block_id]:
+                self._touched[block_id] = 1
+                self.num_touched_blocks += 1
             self._maybe_evict(block_id)
             self.ref_counts[block_id] = 1
             out.append(block_id)
