@@ -154,10 +154,19 @@ def _compare(res: dict[str, Any]) -> list[str]:
             )
         if k.get("weight_read_gbps") is not None:
             parts.append(f"weights read at {k['weight_read_gbps']:.1f} GB/s")
-        if k.get("rss_over_weights_and_kv_bytes") is not None:
+        over = k.get("rss_over_weights_and_kv_bytes")
+        if over is not None:
             parts.append(
-                "peak RSS exceeds weights + KV budget by "
-                f"{k['rss_over_weights_and_kv_bytes'] / 2**30:.2f} GiB"
+                f"peak RSS {'exceeds' if over >= 0 else 'is below'} weights + KV "
+                f"budget by {abs(over) / 2**30:.2f} GiB"
+            )
+        touched = k.get("kv_touched_bytes")
+        over_touched = k.get("rss_over_weights_and_touched_kv_bytes")
+        if touched is not None and over_touched is not None:
+            parts.append(
+                f"KV blocks ever used {_gib(touched)} (the part of the budget in "
+                f"RAM); peak RSS exceeds weights + those by "
+                f"{over_touched / 2**30:.2f} GiB"
             )
         out += ["", "llmprod: " + "; ".join(parts) + "."]
     out += [

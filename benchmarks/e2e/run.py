@@ -224,6 +224,8 @@ def summarize(raw: dict[str, Any], machine: dict[str, Any] | None) -> dict[str, 
             "cached_prompt_tokens": m.get("tokens", {}).get("cached_prompt"),
             "weight_bytes": extra.get("weight_bytes"),
             "kv_budget_bytes": extra.get("kv_budget_bytes"),
+            # On the CPU the KV memory becomes resident as blocks are first used.
+            "kv_touched_bytes": kv.get("touched_bytes"),
             "num_threads": extra.get("num_threads"),
             "options": extra.get("options"),
         }
@@ -232,6 +234,10 @@ def summarize(raw: dict[str, Any], machine: dict[str, Any] | None) -> dict[str, 
             out["llmprod"]["rss_over_weights_and_kv_bytes"] = (
                 rss - extra["weight_bytes"] - extra["kv_budget_bytes"]
             )
+            if kv.get("touched_bytes") is not None:
+                out["llmprod"]["rss_over_weights_and_touched_kv_bytes"] = (
+                    rss - extra["weight_bytes"] - kv["touched_bytes"]
+                )
         steps = sched.get("steps")
         if steps and extra.get("weight_bytes"):
             # Each step reads every weight once: the weight traffic it sustained.
