@@ -112,12 +112,14 @@ class Engine:
         self.max_model_len = max_model_len(hf_config, config.max_model_len)
         self.eos_token_ids = eos_token_ids(hf_config, tokenizer, model_path)
         cc = config.cache_config
-        self.block_size = cc.block_size
-        self.num_blocks = ModelRunner.num_blocks_for(model, cc, self.dtype)
-        self._kv_block_bytes = ModelRunner.bytes_per_block(
-            model, cc.block_size, self.dtype
-        )
         self.backend = get_attention_backend(config.attention_backend, self.device)
+        self.block_size: int = cc.block_size or self.backend.default_block_size
+        self.num_blocks = ModelRunner.num_blocks_for(
+            model, cc, self.dtype, self.block_size
+        )
+        self._kv_block_bytes = ModelRunner.bytes_per_block(
+            model, self.block_size, self.dtype
+        )
         self.quantization = quantization
         # Where the int8 weights came from: "quantized-at-load" (llmprod quantized
         # them, or reloaded its own saved copy) or "bitsandbytes-checkpoint".

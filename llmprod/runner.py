@@ -84,11 +84,13 @@ class ModelRunner:
         self.sampler = Sampler(seed, device)
 
     @staticmethod
-    def num_blocks_for(model: nn.Module, cc: CacheConfig, dtype: torch.dtype) -> int:
+    def num_blocks_for(
+        model: nn.Module, cc: CacheConfig, dtype: torch.dtype, block_size: int
+    ) -> int:
         """KV blocks from ``num_kv_blocks`` or from the ``kv_cache_memory`` budget."""
         if cc.num_kv_blocks is not None:
             return cc.num_kv_blocks
-        per_block = ModelRunner.bytes_per_block(model, cc.block_size, dtype)
+        per_block = ModelRunner.bytes_per_block(model, block_size, dtype)
         n = parse_bytes(cc.kv_cache_memory or "1GiB") // per_block
         if n < 2:
             raise InvalidConfigError(

@@ -68,7 +68,9 @@ def test_greedy_equal_under_preemption(
 ) -> None:
     # 80 blocks x 16 = 1280 token slots for ~3,600 prompt tokens: requests must
     # be preempted and recomputed, and still give the same tokens.
-    small = make_engine(num_kv_blocks=80, max_num_batched_tokens=512, dtype="float32")
+    small = make_engine(
+        num_kv_blocks=80, block_size=16, max_num_batched_tokens=512, dtype="float32"
+    )
     outs = small.generate(prompt_ids, SamplingParams(max_tokens=MAX_NEW, temperature=0))
     check_against_reference(outs, references)
     assert small.metrics().scheduler["preemptions"] > 0

@@ -30,6 +30,8 @@ class AttentionBackend(Protocol):
     """Writes a layer's new K/V into its cache and attends over the cache."""
 
     name: str
+    default_block_size: int
+    """KV block size the engine uses when the config leaves it unset."""
 
     def prepare(self, meta: AttentionMetadata) -> None:
         """Build per-step state once, before the first layer runs."""

@@ -76,6 +76,9 @@ class TorchAttentionBackend:
     """Paged attention with torch ops; runs anywhere torch runs."""
 
     name = "torch"
+    default_block_size = 8
+    """Half the slots a 16-token block leaves empty, at no measured cost here
+    (docs/benchmarks.md, "KV block size and unused slots")."""
 
     def __init__(self) -> None:
         self._local = threading.local()
@@ -245,6 +248,7 @@ class TritonAttentionBackend:
     """The Triton kernels of ``llmprod.kernels`` (CUDA, or TRITON_INTERPRET=1)."""
 
     name = "triton"
+    default_block_size = 16
 
     def __init__(self) -> None:
         import importlib
