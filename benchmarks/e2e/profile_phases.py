@@ -2,6 +2,10 @@
 mixed workload (wraps the engine's own methods with timers; no sampling profiler).
 
     python -m benchmarks.e2e.profile_phases --requests 48
+    python -m benchmarks.e2e.profile_phases --requests 48 --attention-detail
+
+``--attention-detail`` also splits the torch backend's attention into its block
+gathers and its SDPA calls (decode and prefill).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--block-size", type=int, default=None, help="KV block size")
+    ap.add_argument("--attention-detail", action="store_true")
     args = ap.parse_args()
     rng = random.Random(0)
     opts = {} if args.block_size is None else {"block_size": args.block_size}
@@ -70,6 +75,21 @@ def main() -> None:
     timed(eng.runner, "prepare", "batch metadata")
     timed(eng.scheduler, "schedule", "scheduler")
     timed(eng, "_process", "detokenize + stops")
+    if args.attention_detail:
+        import llmprod.attention.torch_backend as tb
+
+        timed(eng.backend, "_gather", "    block gathers (in attention)")
+        sdpa = tb._sdpa
+
+        def split_sdpa(q: Any, *a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return sdpa(q, *a, **k)
+            finally:
+                kind = "decode" if q.shape[2] == 1 else "prefill"
+                spent[f"    SDPA, {kind} (in attention)"] += time.perf_counter() - t
+
+        tb._sdpa = split_sdpa
     reqs = []
     for _ in range(args.requests):
         text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 350)))
