@@ -130,3 +130,32 @@ def test_reference_window_limits_keys() -> None:
         q, kv, meta.block_tables, meta.seq_lens, meta.cu_seqlens_q, 1.0, 1
     )
     torch.testing.assert_close(out, v, atol=1e-6, rtol=0)
+
+
+def test_one_backend_across_steps_of_different_sizes_and_dtypes() -> None:
+    # The gather workspace is reused by every layer and step of a thread: a large
+    # step, a smaller one, the large one again, then bfloat16 (the workspace is
+    # replaced), each must match the reference exactly as a fresh backend would.
+    backend = TorchAttentionBackend()
+    for name, dtype in [
+        ("mixed", torch.float32),
+        ("decodes", torch.float32),
+        ("chunked_and_prefix_hits", torch.float32),
+        ("mixed", torch.float32),
+        ("decodes", torch.bfloat16),
+    ]:
+        kv, meta, d = build(BATCHES[name], 2, block_size=8)
+        kv = kv.to(dtype)
+        n = meta.cu_seqlens_q_host[-1]
+        q, k, v = (torch.randn(n, h, d, dtype=dtype) for h in (6, 2, 2))
+        expected_cache = kv.clone()
+        flat = expected_cache.view(2, -1, 2, d)
+        flat[0, meta.slot_mapping] = k
+        flat[1, meta.slot_mapping] = v
+        args = (meta.block_tables, meta.seq_lens, meta.cu_seqlens_q, d**-0.5)
+        ref = paged_attention_ref(q.float(), expected_cache.float(), *args)
+        backend.prepare(meta)
+        out = backend.forward(q, k, v, kv, meta, d**-0.5)
+        assert out.dtype == dtype
+        tol = 2e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
