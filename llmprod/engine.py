@@ -114,12 +114,10 @@ class Engine:
         cc = config.cache_config
         self.backend = get_attention_backend(config.attention_backend, self.device)
         self.block_size: int = cc.block_size or self.backend.default_block_size
-        self.num_blocks = ModelRunner.num_blocks_for(
-            model, cc, self.dtype, self.block_size
-        )
         self._kv_block_bytes = ModelRunner.bytes_per_block(
             model, self.block_size, self.dtype
         )
+        self.num_blocks = ModelRunner.num_blocks_for(cc, self._kv_block_bytes)
         self.quantization = quantization
         # Where the int8 weights came from: "quantized-at-load" (llmprod quantized
         # them, or reloaded its own saved copy) or "bitsandbytes-checkpoint".

@@ -42,9 +42,9 @@ def zeroed_kv_caches(
         return [
             torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)
         ]
-    per_layer = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    buffer = mmap.mmap(-1, max(num_layers * per_layer, 1))
-    whole = torch.frombuffer(buffer, dtype=torch.uint8, count=num_layers * per_layer)
+    nbytes = num_layers * math.prod(shape) * dtype.itemsize
+    buffer = mmap.mmap(-1, nbytes)
+    whole = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes)
     return list(whole.view(dtype).view(num_layers, *shape).unbind(0))
 
 
@@ -84,13 +84,11 @@ class ModelRunner:
         self.sampler = Sampler(seed, device)
 
     @staticmethod
-    def num_blocks_for(
-        model: nn.Module, cc: CacheConfig, dtype: torch.dtype, block_size: int
-    ) -> int:
-        """KV blocks from ``num_kv_blocks`` or from the ``kv_cache_memory`` budget."""
+    def num_blocks_for(cc: CacheConfig, per_block: int) -> int:
+        """KV blocks from ``num_kv_blocks`` or from the ``kv_cache_memory`` budget
+        (``per_block``: bytes of one block, all layers, from ``bytes_per_block``)."""
         if cc.num_kv_blocks is not None:
             return cc.num_kv_blocks
-        per_block = ModelRunner.bytes_per_block(model, block_size, dtype)
         n = parse_bytes(cc.kv_cache_memory or "1GiB") // per_block
         if n < 2:
             raise InvalidConfigError(

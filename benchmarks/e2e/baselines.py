@@ -453,16 +453,6 @@ def _llmprod_arrivals(engine: Any, reqs: list[BenchRequest]) -> tuple[float, lis
     return asyncio.run(main())
 
 
-def _kv_bytes_per_token(hf_config: Any, elem: int) -> int:
-    layers = int(hf_config.num_hidden_layers)
-    heads = int(hf_config.num_attention_heads)
-    kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or heads)
-    head_dim = int(
-        getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
-    )
-    return 2 * layers * kv_heads * head_dim * elem
-
-
 def run_llmprod(
     wl: Workload, warm: Workload, model_path: str, options: dict[str, Any]
 ) -> SystemRun:
@@ -505,18 +495,12 @@ def run_llmprod(
         snap = engine.metrics().to_dict()
         params = {id(p): p for p in engine.model.parameters()}.values()
         weight_bytes = sum(p.numel() * p.element_size() for p in params)
-        elem = torch.empty((), dtype=engine.dtype).element_size()
-        kv_budget = (
-            engine.num_blocks
-            * engine.block_size
-            * _kv_bytes_per_token(engine.hf_config, elem)
-        )
         extra = {
             "options": options,
             "metrics": snap,
             "metrics_scope": metrics_scope,
             "weight_bytes": weight_bytes,
-            "kv_budget_bytes": kv_budget,
+            "kv_budget_bytes": snap["kv_cache"]["budget_bytes"],
             "num_blocks": engine.num_blocks,
             "block_size": engine.block_size,
             "num_threads": torch.get_num_threads(),

@@ -14,6 +14,7 @@ import argparse
 import collections
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 from llmprod import Engine, SamplingParams
@@ -55,7 +56,9 @@ def main() -> None:
     eng = Engine.from_pretrained("smollm2-135m", **opts)
     spent: collections.Counter[str] = collections.Counter()
 
-    def timed(obj: Any, name: str, label: str) -> None:
+    def timed(obj: Any, name: str, label: str | Callable[..., str]) -> None:
+        """Wrap ``obj.name`` with a timer; ``label`` may pick the phase from the
+        call's arguments."""
         fn = getattr(obj, name)
 
         def wrapper(*a: Any, **k: Any) -> Any:
@@ -63,7 +66,8 @@ def main() -> None:
             try:
                 return fn(*a, **k)
             finally:
-                spent[label] += time.perf_counter() - t
+                phase = label(*a, **k) if callable(label) else label
+                spent[phase] += time.perf_counter() - t
 
         setattr(obj, name, wrapper)
 
@@ -79,17 +83,13 @@ def main() -> None:
         import llmprod.attention.torch_backend as tb
 
         timed(eng.backend, "_gather", "    block gathers (in attention)")
-        sdpa = tb._sdpa
-
-        def split_sdpa(q: Any, *a: Any, **k: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return sdpa(q, *a, **k)
-            finally:
-                kind = "decode" if q.shape[2] == 1 else "prefill"
-                spent[f"    SDPA, {kind} (in attention)"] += time.perf_counter() - t
-
-        tb._sdpa = split_sdpa
+        timed(
+            tb,
+            "_sdpa",
+            lambda q, *a, **k: (
+                f"    SDPA, {'decode' if q.shape[2] == 1 else 'prefill'} (in attention)"
+            ),
+        )
     reqs = []
     for _ in range(args.requests):
         text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 350)))
