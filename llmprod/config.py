@@ -110,6 +110,7 @@ _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _BACKENDS = ("auto", "torch", "triton")
 _QUANT = (None, "int8", "int8-wo", "int8-bnb")
 _MODEL_IMPLS = ("auto", "native", "generic")
+_LINEAR_BACKENDS = ("auto", "onednn", "torch")
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +127,10 @@ class EngineConfig:
     """Longest prompt + output; default: the model's context length."""
     attention_backend: str = "auto"
     """"auto" (Triton on CUDA, torch on CPU), "torch" or "triton"."""
+    linear_backend: str = "auto"
+    """Who computes the float32 linear layers on CPU: "auto" (oneDNN on x86-64
+    where PyTorch has it, else torch), "onednn" or "torch" (PyTorch's default
+    BLAS). Other dtypes and CUDA always use "torch"."""
     model_impl: str = "auto"
     """"auto" (the native implementation where there is one, else transformers'
     modeling code with paged attention), "native" or "generic"."""
@@ -168,6 +173,11 @@ class EngineConfig:
             raise InvalidConfigError(
                 f"{self.attention_backend=} must be one of {_BACKENDS}",
                 "attention_backend",
+            )
+        if self.linear_backend not in _LINEAR_BACKENDS:
+            raise InvalidConfigError(
+                f"{self.linear_backend=} must be one of {_LINEAR_BACKENDS}",
+                "linear_backend",
             )
         if isinstance(self.quantization_skip, str) or not all(
             isinstance(x, str) for x in self.quantization_skip

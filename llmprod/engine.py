@@ -48,6 +48,7 @@ from llmprod.metrics import (
     peak_rss_bytes,
     process_rss_bytes,
 )
+from llmprod.models.cpu_linear import resolve_linear_backend, use_onednn_linears
 from llmprod.models.loader import (
     build_model,
     eos_token_ids,
@@ -108,6 +109,10 @@ class Engine:
         self.dtype = next(model.parameters()).dtype
         self.model_impl: str = getattr(model, "impl", "native")
         """"native" (llmprod's own model code) or "generic" (transformers')."""
+        self.linear_backend = _linear_backend(config, self.device, self.dtype)
+        """"onednn" or "torch": who computes the float32 linear layers."""
+        if self.linear_backend == "onednn":
+            use_onednn_linears(model)
         self.vocab_size = int(hf_config.vocab_size)
         self.max_model_len = max_model_len(hf_config, config.max_model_len)
         self.eos_token_ids = eos_token_ids(hf_config, tokenizer, model_path)
@@ -203,6 +208,7 @@ class Engine:
         dtype = pick_dtype(config.dtype, device)
         if config.num_threads is not None and device.type == "cpu":
             torch.set_num_threads(config.num_threads)
+        _linear_backend(config, device, dtype)  # fail before loading the weights
         quant: str | None = None
         quant_source: str | None = None
         if bnb_checkpoint.is_bnb_int8_checkpoint(hf_config):
@@ -468,6 +474,7 @@ class Engine:
                 "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "attention_backend": self.backend.name,
+                "linear_backend": self.linear_backend,
                 "model_impl": self.model_impl,
                 "quantization": self.quantization,
                 "quantization_source": self.quantization_source,
@@ -920,6 +927,15 @@ def _future_setter(
             loop.call_soon_threadsafe(apply)
 
     return set_
+
+
+def _linear_backend(
+    config: EngineConfig, device: torch.device, dtype: torch.dtype
+) -> str:
+    try:
+        return resolve_linear_backend(config.linear_backend, device, dtype)
+    except ValueError as exc:
+        raise InvalidConfigError(str(exc), "linear_backend") from exc
 
 
 def _quantize(

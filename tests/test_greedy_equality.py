@@ -83,3 +83,21 @@ def test_single_greedy_request_equals_transformers(
     ref, scores = hf_greedy(hf_model, ids, 16)
     out = engine.generate(ids, SamplingParams(max_tokens=16, temperature=0))[0]
     assert first_divergence(out.token_ids, ref, scores) is None
+
+
+@pytest.mark.slow
+def test_greedy_equal_with_each_linear_backend(
+    make_engine: Any,
+    engine: Engine,
+    prompt_ids: list[list[int]],
+    references: list[Any],
+) -> None:
+    # The shared engine takes the default ("auto": oneDNN on x86-64 CPUs); this
+    # one takes the other path, so both stay anchored to transformers.
+    other = "torch" if engine.linear_backend == "onednn" else "onednn"
+    if other == "onednn" and engine.linear_backend == "torch":
+        pytest.skip("oneDNN linears do not run here")
+    alt = make_engine(linear_backend=other)
+    assert alt.linear_backend == other
+    outs = alt.generate(prompt_ids, SamplingParams(max_tokens=MAX_NEW, temperature=0))
+    check_against_reference(outs, references)

@@ -1,0 +1,143 @@
+"""Linear layers on CPU through oneDNN instead of the default BLAS.
+
+PyTorch's CPU wheels run a float32 ``nn.Linear`` through MKL's GEMM. On some x86
+CPUs (AMD Zen among them) MKL takes its AVX2 code path, and its matrix-vector
+product (one token row: batch-1 decode, the last rows of a batch) runs on one
+thread whatever ``torch.set_num_threads`` says. oneDNN, which PyTorch ships
+beside MKL, uses the CPU's widest vectors and all intra-op threads for both; on
+the benchmark machine it runs the SmolLM2-135M layers 1.8x (one row) to 2.2x (256
+rows) faster (docs/benchmarks.md, "Linear layers through oneDNN").
+
+:func:`use_onednn_linears` switches a model's float32 ``nn.Linear`` modules to
+:class:`OneDNNLinear`, in place: same parameters (tied weights stay tied), same
+state dict, only ``forward`` differs. The weights keep their plain layout: a
+pre-packed oneDNN weight measured no faster and would have to be a second copy
+where lm_head shares its weight with the embedding.
+
+The results are float32 matrix products summed in another order than MKL's, so
+they differ from ``nn.Linear``'s in the last bits (relative 1e-6 .. 1e-5);
+``linear_backend="torch"`` keeps the default path.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import platform
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger("llmprod")
+
+__all__ = [
+    "LINEAR_BACKENDS",
+    "OneDNNLinear",
+    "onednn_available",
+    "onednn_linear",
+    "resolve_linear_backend",
+    "use_onednn_linears",
+]
+
+LINEAR_BACKENDS = ("auto", "onednn", "torch")
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """Whether ``torch.ops.mkldnn._linear_pointwise`` exists here and computes a
+    float32 linear layer correctly (checked once against ``F.linear``)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(3, 40, generator=g)
+        w = torch.randn(24, 40, generator=g)
+        b = torch.randn(24, generator=g)
+        with torch.inference_mode():
+            got = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        return bool(torch.allclose(got, F.linear(x, w, b), rtol=1e-4, atol=1e-4))
+    except (RuntimeError, NotImplementedError) as exc:  # a build without the op
+        logger.debug("oneDNN linear unavailable: %s", exc)
+        return False
+
+
+def resolve_linear_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The linear backend ``name`` means for a model on ``device`` in ``dtype``.
+
+    ``"auto"`` takes oneDNN for float32 on an x86-64 CPU where it works, and
+    ``"torch"`` otherwise (CUDA, other dtypes, which PyTorch already sends to
+    oneDNN or cuBLAS, other CPUs, where it is not measured).
+
+    Raises:
+        ValueError: ``"onednn"`` was asked for where it cannot run.
+    """
+    if name not in LINEAR_BACKENDS:
+        raise ValueError(f"linear_backend={name!r} must be one of {LINEAR_BACKENDS}")
+    fits = device.type == "cpu" and dtype == torch.float32
+    if name == "torch":
+        return "torch"
+    if name == "onednn":
+        if not fits:
+            raise ValueError(
+                f"linear_backend='onednn' runs float32 on CPU, not {dtype} on {device}"
+            )
+        if not onednn_available():
+            raise ValueError(
+                "linear_backend='onednn' needs a PyTorch built with oneDNN "
+                "(torch.backends.mkldnn.is_available())"
+            )
+        return "onednn"
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return "onednn" if fits and x86 and onednn_available() else "torch"
+
+
+def onednn_linear(
+    x: torch.Tensor,  # [..., in_features] float32, CPU
+    weight: torch.Tensor,  # [out_features, in_features]
+    bias: torch.Tensor | None = None,  # [out_features]
+) -> torch.Tensor:  # [..., out_features]
+    """``F.linear(x, weight, bias)`` computed by oneDNN (inference only)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    out = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
+    return out.view(*lead, weight.shape[0])
+
+
+class OneDNNLinear(nn.Linear):
+    """``nn.Linear`` whose forward runs on oneDNN (float32, CPU, inference).
+
+    Made by :func:`use_onednn_linears` from an existing ``nn.Linear``; it holds
+    nothing more than the layer it replaces.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return F.linear(x, self.weight, self.bias)  # oneDNN's op has no backward
+        return onednn_linear(x, self.weight, self.bias)
+
+
+def use_onednn_linears(model: nn.Module) -> int:
+    """Switch every float32 CPU ``nn.Linear`` in ``model`` to :class:`OneDNNLinear`.
+
+    In place and reversible (set ``__class__`` back to ``nn.Linear``); parameters,
+    buffers, hooks and attributes stay as they are. Layers of other types (int8,
+    bitsandbytes) and of other dtypes or devices are left alone.
+
+    Returns:
+        How many layers were switched.
+    """
+    n = 0
+    for mod in model.modules():
+        if (
+            type(mod) is nn.Linear
+            and mod.weight.device.type == "cpu"
+            and mod.weight.dtype == torch.float32
+        ):
+            mod.__class__ = OneDNNLinear
+            n += 1
+    return n

@@ -1,0 +1,117 @@
+"""oneDNN linear layers on CPU: same results as nn.Linear, same module state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmprod.errors import InvalidConfigError
+from llmprod.models.cpu_linear import (
+    OneDNNLinear,
+    onednn_available,
+    resolve_linear_backend,
+    use_onednn_linears,
+)
+from llmprod.quant.int8 import WeightOnlyInt8Linear, quantize_per_channel
+
+needs_onednn = pytest.mark.skipif(
+    not onednn_available(), reason="this PyTorch has no oneDNN linear"
+)
+
+
+@needs_onednn
+@pytest.mark.parametrize(
+    ("lead", "in_f", "out_f", "bias"),
+    [((1,), 576, 960, False), ((7,), 40, 24, True), ((2, 5), 64, 49, True)],
+)
+def test_onednn_linear_matches_nn_linear(
+    lead: tuple[int, ...], in_f: int, out_f: int, bias: bool
+) -> None:
+    torch.manual_seed(0)
+    ref = nn.Linear(in_f, out_f, bias=bias)
+    x = torch.randn(*lead, in_f)
+    want = ref(x)
+    use_onednn_linears(ref)
+    assert type(ref) is OneDNNLinear
+    with torch.inference_mode():
+        got = ref(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # A strided input (a column slice) gives the same rows.
+    wide = torch.randn(*lead, in_f + 3)
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            ref(wide[..., 3:]),
+            F.linear(wide[..., 3:], ref.weight, ref.bias),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
+@needs_onednn
+def test_switching_keeps_parameters_ties_and_other_layers() -> None:
+    emb = nn.Embedding(50, 16)
+    head = nn.Linear(16, 50, bias=False)
+    head.weight = emb.weight
+    proj = nn.Linear(16, 16)
+    proj.shard_sizes = [8, 8]  # type: ignore[assignment]
+    q, s = quantize_per_channel(torch.randn(32, 16))
+    model = nn.ModuleDict(
+        {
+            "emb": emb,
+            "head": head,
+            "proj": proj,
+            "bf16": nn.Linear(16, 16).to(torch.bfloat16),
+            "int8": WeightOnlyInt8Linear.from_quantized(q, s),
+        }
+    )
+    keys = dict(model.state_dict())
+    assert use_onednn_linears(model) == 2
+    assert type(model["head"]) is OneDNNLinear and type(model["proj"]) is OneDNNLinear
+    assert type(model["bf16"]) is nn.Linear  # other dtypes stay with torch
+    assert type(model["int8"]) is WeightOnlyInt8Linear
+    assert model["head"].weight is emb.weight  # still tied
+    assert model["proj"].shard_sizes == [8, 8]
+    after = model.state_dict()
+    assert after.keys() == keys.keys()
+    assert all(after[k] is keys[k] or torch.equal(after[k], keys[k]) for k in keys)
+
+
+@needs_onednn
+def test_training_mode_falls_back_to_autograd() -> None:
+    layer = nn.Linear(8, 4)
+    use_onednn_linears(layer)
+    x = torch.randn(3, 8, requires_grad=True)
+    layer(x).sum().backward()  # oneDNN's op has no backward; F.linear does
+    assert x.grad is not None and layer.weight.grad is not None
+
+
+def test_backend_resolution() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_linear_backend("torch", cpu, torch.float32) == "torch"
+    assert resolve_linear_backend("auto", cuda, torch.float32) == "torch"
+    assert resolve_linear_backend("auto", cpu, torch.bfloat16) == "torch"
+    with pytest.raises(ValueError, match="float32 on CPU"):
+        resolve_linear_backend("onednn", cpu, torch.bfloat16)
+    with pytest.raises(ValueError, match="linear_backend"):
+        resolve_linear_backend("mkl", cpu, torch.float32)
+
+
+def test_engine_reports_and_validates_its_linear_backend(
+    engine: Any, make_engine: Any
+) -> None:
+    assert engine.linear_backend in ("onednn", "torch")
+    assert engine.metrics().engine["linear_backend"] == engine.linear_backend
+    kinds = {type(m) for m in engine.model.modules() if isinstance(m, nn.Linear)}
+    want = OneDNNLinear if engine.linear_backend == "onednn" else nn.Linear
+    assert kinds == {want}
+    with pytest.raises(InvalidConfigError) as err:
+        make_engine(linear_backend="blas")
+    assert err.value.field == "linear_backend"
+    with pytest.raises(InvalidConfigError) as err:
+        make_engine(linear_backend="onednn", dtype="bfloat16")
+    assert err.value.field == "linear_backend"
