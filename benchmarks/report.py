@@ -35,6 +35,12 @@ def _num(v: Any, spec: str = ".1f") -> str:
     return NA if v is None else format(v, spec)
 
 
+def _ceiling(r: dict[str, Any]) -> str:
+    """Share of the compute ceiling, against torch.mm's GEMM and oneDNN's."""
+    mm, dnn = r.get("fraction_of_compute_ceiling"), r.get("fraction_of_onednn_ceiling")
+    return _pct(mm) if dnn is None else f"{_pct(mm)} / {_pct(dnn)}"
+
+
 def _pct(v: Any) -> str:
     return NA if v is None else f"{100 * v:.1f}%"
 
@@ -71,6 +77,12 @@ def _machine_lines(res: dict[str, Any]) -> list[str]:
             f"({m['model_bytes'] / 1e9:.2f} GB in fp32), so the compute ceiling is "
             f"{m['compute_ceiling_tok_s']:.0f} tok/s (GEMM FLOP/s / 2 x params)."
         )
+        if m.get("gemm_gflops_onednn"):
+            lines.append(
+                f"- The same GEMM through oneDNN (llmprod's CPU linear layers): "
+                f"{m['gemm_gflops_onednn']:.0f} GFLOP/s, a compute ceiling of "
+                f"{m['compute_ceiling_onednn_tok_s']:.0f} tok/s."
+            )
     else:
         lines.append(f"- Machine probe not run; {res['threads']} torch threads.")
     lines.append(f"- Command: `{res['command']}`")
@@ -108,8 +120,8 @@ def _compare(res: dict[str, Any]) -> list[str]:
         out += [f"Workload: {_workload_line(wl)}", ""]
     out += [
         "| system | generated tok/s | prompt tok/s | total tok/s | of compute "
-        "ceiling | TTFT p50 / p95 / p99 (s) | e2e p50 / p95 / p99 (s) | peak RSS | "
-        "padding waste |",
+        "ceiling (torch.mm GEMM / oneDNN GEMM) | TTFT p50 / p95 / p99 (s) | "
+        "e2e p50 / p95 / p99 (s) | peak RSS | padding waste |",
         "|---|---:|---:|---:|---:|---|---|---:|---:|",
     ]
     for r in runs:
@@ -120,7 +132,7 @@ def _compare(res: dict[str, Any]) -> list[str]:
         out.append(
             f"| {r['system']} | {_num(r['generated_tok_s'])} | "
             f"{_num(r['prompt_tok_s'])} | {_num(r['total_tok_s'])} | "
-            f"{_pct(r.get('fraction_of_compute_ceiling'))} | {_trio(r.get('ttft_s'))} | "
+            f"{_ceiling(r)} | {_trio(r.get('ttft_s'))} | "
             f"{_trio(r.get('e2e_s'))} | {_gib(r.get('peak_rss_bytes'))} | "
             f"{_pct(r.get('padding_waste'))} |"
         )

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from llmprod._threads import run_in_own_thread
 from llmprod.cache.failsafe import FailSafeCache
 from llmprod.cache.protocol import CacheBackend
 from llmprod.cache.tiered import TieredCache
@@ -120,14 +121,20 @@ class Embedder:
             self.tokenizer = AutoTokenizer.from_pretrained(
                 self.model_dir, local_files_only=True
             )
-            self.model = AutoModel.from_pretrained(
-                self.model_dir, local_files_only=True, dtype=torch.float32
+            # Loading runs parallel torch ops: off the caller's thread (_threads.py).
+            self.model = run_in_own_thread(
+                lambda: (
+                    AutoModel.from_pretrained(
+                        self.model_dir, local_files_only=True, dtype=torch.float32
+                    )
+                    .to(self.device)
+                    .eval()
+                )
             )
         except (OSError, ValueError) as exc:
             raise ModelLoadError(
                 f"cannot load the embedding model from {self.model_dir}: {exc}"
             ) from exc
-        self.model.to(self.device).eval()
         self.dim = int(self.model.config.hidden_size)
 
     def with_cache(
@@ -199,6 +206,10 @@ class Embedder:
         return out
 
     def _compute(self, texts: list[str]) -> np.ndarray:
+        # Off the caller's thread, so that it keeps no OpenMP team (_threads.py).
+        return run_in_own_thread(self._compute_here, texts)
+
+    def _compute_here(self, texts: list[str]) -> np.ndarray:
         import torch
 
         chunks = []

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from llmprod import inputs
+from llmprod._threads import run_in_own_thread
 from llmprod.attention import get_attention_backend
 from llmprod.cache.answers import AnswerCaches, conversation_text
 from llmprod.config import EngineConfig
@@ -197,6 +198,12 @@ class Engine:
             InvalidConfigError: unknown model or option (the message lists the
                 accepted values); UnsupportedModelError for other architectures.
         """
+        # Loading runs torch ops in parallel; doing it on a thread that then exits
+        # leaves no idle OpenMP team behind to slow the step thread (_threads.py).
+        return run_in_own_thread(cls._load, model, **kwargs)
+
+    @classmethod
+    def _load(cls, model: str | Path, **kwargs: Any) -> Engine:
         from transformers import AutoTokenizer
 
         from llmprod.quant import bnb_checkpoint
@@ -502,6 +509,7 @@ class Engine:
         if self.answers is not None:
             self.answers.close()
         self.runner.kv_caches = []
+        self.backend.release()
         self.runner.model = None  # type: ignore[assignment]
         self.model = None  # type: ignore[assignment]
         gc.collect()

@@ -15,6 +15,7 @@ from llmprod.scheduler import group_by_length
 # (context length after the step, query length) per sequence
 BATCHES = {
     "decodes": [(1, 1), (17, 1), (33, 1), (200, 1)],
+    "one_decode": [(57, 1)],  # batch 1: the single-group path, no copy into out
     "prefill": [(40, 40), (16, 16), (1, 1)],
     "chunked_and_prefix_hits": [(48, 16), (35, 3), (64, 32)],
     "mixed": [(5, 1), (90, 1), (31, 31), (70, 6)],
@@ -159,3 +160,25 @@ def test_one_backend_across_steps_of_different_sizes_and_dtypes() -> None:
         assert out.dtype == dtype
         tol = 2e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+def test_release_lets_the_kv_cache_go() -> None:
+    # The backend keeps views of each cache it has seen (built once, reused by
+    # every step); release() must drop them, or a closed engine keeps its KV memory.
+    import gc
+    import weakref
+
+    kv, meta, d = build(BATCHES["mixed"], 2)
+    n = meta.cu_seqlens_q_host[-1]
+    backend = TorchAttentionBackend()
+    backend.prepare(meta)
+    backend.forward(
+        torch.randn(n, 4, d), torch.randn(n, 2, d), torch.randn(n, 2, d), kv, meta, 1.0
+    )
+    alive = weakref.ref(kv)
+    del kv
+    gc.collect()
+    assert alive() is not None  # held by the backend's views
+    backend.release()
+    gc.collect()
+    assert alive() is None

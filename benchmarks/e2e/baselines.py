@@ -542,15 +542,27 @@ def measure_machine(model_path: str, threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        torch.mm(a, b)
-    times = []
-    for _ in range(10):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - t)
-    times.sort()
-    gemm_gflops = 2 * n**3 / times[len(times) // 2] / 1e9
+
+    def gflops(fn: Any) -> float:
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(10):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        times.sort()
+        return float(2 * n**3 / times[len(times) // 2] / 1e9)
+
+    # torch.mm is PyTorch's default fp32 GEMM (MKL in the x86 wheels); oneDNN is
+    # what llmprod's linear layers run on where it is available.
+    gemm_gflops = gflops(lambda: torch.mm(a, b))
+    from llmprod.models.cpu_linear import onednn_available, onednn_linear
+
+    onednn_gflops = None
+    if onednn_available():
+        bt = b.t().contiguous()
+        onednn_gflops = gflops(lambda: onednn_linear(a, bt))
 
     buf = torch.ones(64 * 1024 * 1024)  # 256 MiB, well past the caches
     for _ in range(2):
@@ -562,7 +574,7 @@ def measure_machine(model_path: str, threads: int) -> dict[str, Any]:
         times.append(time.perf_counter() - t)
     times.sort()
     read_gbps = buf.numel() * buf.element_size() / times[len(times) // 2] / 1e9
-    del a, b, buf
+    del buf
 
     model = load_hf_model(model_path)
     unique = {p.data_ptr(): p for p in model.parameters()}.values()
@@ -595,6 +607,10 @@ def measure_machine(model_path: str, threads: int) -> dict[str, Any]:
         "model_bytes": model_bytes,
         "flops_per_token": flops_per_token,
         "compute_ceiling_tok_s": gemm_gflops * 1e9 / flops_per_token,
+        "gemm_gflops_onednn": onednn_gflops,
+        "compute_ceiling_onednn_tok_s": onednn_gflops * 1e9 / flops_per_token
+        if onednn_gflops
+        else None,
         "bandwidth_bound_decode_steps_s": read_gbps * 1e9 / model_bytes,
     }
 

@@ -206,6 +206,10 @@ def summarize(raw: dict[str, Any], machine: dict[str, Any] | None) -> dict[str, 
         out["fraction_of_compute_ceiling"] = (
             out["total_tok_s"] / machine["compute_ceiling_tok_s"]
         )
+    if machine and machine.get("compute_ceiling_onednn_tok_s"):
+        out["fraction_of_onednn_ceiling"] = (
+            out["total_tok_s"] / machine["compute_ceiling_onednn_tok_s"]
+        )
     extra = raw.get("extra") or {}
     if "padding_waste" in extra:
         out["padding_waste"] = extra["padding_waste"]
@@ -542,6 +546,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"{args.threads} threads, read {machine['read_gbps']:.1f} GB/s; "
                     f"{machine['model_params'] / 1e6:.1f}M params -> compute ceiling "
                     f"{machine['compute_ceiling_tok_s']:.0f} tok/s"
+                    + (
+                        f" (oneDNN GEMM {machine['gemm_gflops_onednn']:.0f} GFLOP/s"
+                        f" -> {machine['compute_ceiling_onednn_tok_s']:.0f} tok/s)"
+                        if machine.get("gemm_gflops_onednn")
+                        else ""
+                    )
                 )
         results["machine"] = ctx["machine"]
         if mode == "compare":

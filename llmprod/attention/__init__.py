@@ -36,6 +36,9 @@ class AttentionBackend(Protocol):
     def prepare(self, meta: AttentionMetadata) -> None:
         """Build per-step state once, before the first layer runs."""
 
+    def release(self) -> None:
+        """Drop whatever the backend holds of the KV caches (the engine closes)."""
+
     def forward(
         self,
         query: torch.Tensor,  # [num_tokens, num_heads, head_dim]

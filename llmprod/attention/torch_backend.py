@@ -9,6 +9,7 @@ attends to its own keys directly, without reading the cache back.
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +83,41 @@ class TorchAttentionBackend:
 
     def __init__(self) -> None:
         self._local = threading.local()
+        # (data_ptr, shape, dtype) -> views of one layer's cache (see _views).
+        self._cache_views: dict[tuple[Any, ...], tuple[torch.Tensor, ...]] = {}
+
+    def release(self) -> None:
+        """Drop the views this backend keeps of the KV caches (engine close)."""
+        self._cache_views.clear()
+
+    def _views(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Slot rows and block rows of one layer's cache, for K and V.
+
+        Slot rows (``[slots, num_kv_heads, head_dim]``) take the new keys and
+        values; block rows (``[num_blocks, block_size * num_kv_heads *
+        head_dim]``) are what the gathers copy, whole blocks at a time, about 10x
+        faster than ``index_select`` along dimension 1 of the 5-d cache. Built once
+        per cache and reused: rebuilding them in every layer of every step costs
+        more than the attention itself at batch 1.
+        """
+        # The views keep their storage alive, so no other cache can take this
+        # address while they are held.
+        key = (kv_cache.data_ptr(), kv_cache.shape, kv_cache.dtype)
+        views = self._cache_views.get(key)
+        if views is None:
+            num_blocks, num_kv_heads, head_dim = (
+                kv_cache.shape[1],
+                kv_cache.shape[3],
+                kv_cache.shape[4],
+            )
+            views = (
+                kv_cache[0].view(-1, num_kv_heads, head_dim),
+                kv_cache[1].view(-1, num_kv_heads, head_dim),
+                kv_cache[0].view(num_blocks, -1),
+                kv_cache[1].view(num_blocks, -1),
+            )
+            self._cache_views[key] = views
+        return views
 
     def prepare(self, meta: AttentionMetadata) -> None:
         """Build block indices once per step (shared by all layers); what each
@@ -183,24 +219,27 @@ class TorchAttentionBackend:
         softcap: float | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
-        flat = kv_cache.view(2, -1, num_kv_heads, head_dim)
-        flat[0].index_copy_(0, meta.slot_mapping, key)
-        flat[1].index_copy_(0, meta.slot_mapping, value)
-        # Keys and values as rows of one block each: gathering along the first
-        # dimension of these views copies whole blocks, about 10x faster than
-        # index_select along dimension 1 of the 5-d cache.
-        blocks_k = kv_cache[0].view(kv_cache.shape[1], -1)
-        blocks_v = kv_cache[1].view(kv_cache.shape[1], -1)
-        out = torch.empty_like(query)
+        slots_k, slots_v, blocks_k, blocks_v = self._views(kv_cache)
+        slots_k.index_copy_(0, meta.slot_mapping, key)
+        slots_v.index_copy_(0, meta.slot_mapping, value)
         group_plan, prefill_plan = self._plan(meta, sliding_window)
+        if not prefill_plan and len(group_plan) == 1:  # one decode group only
+            _, _, blocks, mask = group_plan[0]
+            return self._decode(
+                query, blocks_k, blocks_v, blocks, num_kv_heads, mask, scale, softcap
+            )
+        out = torch.empty_like(query)
         for lo, hi, blocks, mask in group_plan:
-            assert blocks is not None
-            n = hi - lo
-            kb, vb = self._gather(blocks_k, blocks_v, blocks)
-            q = query[lo:hi].unsqueeze(2)  # [n, num_heads, 1, head_dim]
-            k = kb.view(n, -1, num_kv_heads, head_dim).transpose(1, 2)
-            v = vb.view(n, -1, num_kv_heads, head_dim).transpose(1, 2)
-            out[lo:hi] = _sdpa(q, k, v, mask, False, scale, softcap).squeeze(2)
+            out[lo:hi] = self._decode(
+                query[lo:hi],
+                blocks_k,
+                blocks_v,
+                blocks,
+                num_kv_heads,
+                mask,
+                scale,
+                softcap,
+            )
         for t0, t1, blocks, mask in prefill_plan:
             q = query[t0:t1].transpose(0, 1).unsqueeze(0)  # [1, num_heads, q_len, d]
             if blocks is None:
@@ -214,6 +253,26 @@ class TorchAttentionBackend:
             o = _sdpa(q, k, v, mask, mask is None, scale, softcap)
             out[t0:t1] = o.squeeze(0).transpose(0, 1)
         return out
+
+    def _decode(
+        self,
+        query: torch.Tensor,  # [n, num_heads, head_dim]: one query per sequence
+        blocks_k: torch.Tensor,
+        blocks_v: torch.Tensor,
+        blocks: torch.Tensor | None,  # the group's block ids, n rows of them
+        num_kv_heads: int,
+        mask: torch.Tensor | None,
+        scale: float,
+        softcap: float | None,
+    ) -> torch.Tensor:  # [n, num_heads, head_dim]
+        """One batched SDPA call for a decode group over its gathered blocks."""
+        assert blocks is not None
+        n, head_dim = query.shape[0], query.shape[2]
+        kb, vb = self._gather(blocks_k, blocks_v, blocks)
+        q = query.unsqueeze(2)  # [n, num_heads, 1, head_dim]
+        k = kb.view(n, -1, num_kv_heads, head_dim).transpose(1, 2)
+        v = vb.view(n, -1, num_kv_heads, head_dim).transpose(1, 2)
+        return _sdpa(q, k, v, mask, False, scale, softcap).squeeze(2)
 
     def _gather(
         self, blocks_k: torch.Tensor, blocks_v: torch.Tensor, blocks: torch.Tensor
@@ -259,6 +318,9 @@ class TritonAttentionBackend:
         self._paged_attention = kernels.paged_attention
 
     def prepare(self, meta: AttentionMetadata) -> None:
+        return None
+
+    def release(self) -> None:
         return None
 
     def forward(

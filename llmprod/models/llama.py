@@ -18,6 +18,8 @@ from torch import nn
 
 from llmprod.attention.metadata import AttentionMetadata
 
+_HAS_RMS_NORM = hasattr(F, "rms_norm")  # torch >= 2.4
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
@@ -27,6 +29,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32 and _HAS_RMS_NORM:
+            # The same operations as below, in one call (bit-equal in float32).
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
@@ -84,15 +89,15 @@ class LlamaAttention(nn.Module):
         backend: Any,
     ) -> torch.Tensor:
         n = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split(self.qkv_sizes, dim=-1)
-        q = q.view(n, self.num_heads, self.head_dim)
-        k = k.view(n, self.num_kv_heads, self.head_dim)
-        v = v.view(n, self.num_kv_heads, self.head_dim)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        out = backend.forward(
-            q, k, v.contiguous(), kv_cache, meta, self.scale, self.sliding_window
-        )
+        qkv = self.qkv_proj(hidden)
+        # Queries and keys sit side by side in the fused output: rotate them in
+        # one pass (elementwise, so the same values as rotating each).
+        qk_width = self.qkv_sizes[0] + self.qkv_sizes[1]
+        qk = qkv[:, :qk_width].view(n, self.num_heads + self.num_kv_heads, -1)
+        qk = qk * cos + _rotate_half(qk) * sin
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        v = qkv[:, qk_width:].view(n, self.num_kv_heads, self.head_dim)
+        out = backend.forward(q, k, v, kv_cache, meta, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
 
