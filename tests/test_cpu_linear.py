@@ -13,6 +13,7 @@ from llmprod.errors import InvalidConfigError
 from llmprod.models.cpu_linear import (
     OneDNNLinear,
     onednn_available,
+    padded_rows,
     resolve_linear_backend,
     use_onednn_linears,
 )
@@ -26,7 +27,13 @@ needs_onednn = pytest.mark.skipif(
 @needs_onednn
 @pytest.mark.parametrize(
     ("lead", "in_f", "out_f", "bias"),
-    [((1,), 576, 960, False), ((7,), 40, 24, True), ((2, 5), 64, 49, True)],
+    [
+        ((1,), 576, 960, False),
+        ((7,), 40, 24, True),
+        ((2, 5), 64, 49, True),
+        ((17,), 48, 40, False),  # padded to 24 rows
+        ((3, 199), 32, 16, True),  # 597 rows, padded to 640
+    ],
 )
 def test_onednn_linear_matches_nn_linear(
     lead: tuple[int, ...], in_f: int, out_f: int, bias: bool
@@ -50,6 +57,18 @@ def test_onednn_linear_matches_nn_linear(
             rtol=1e-5,
             atol=1e-5,
         )
+
+
+def test_row_buckets_bound_the_number_of_shapes() -> None:
+    # oneDNN keeps a kernel, with memory of its own, per problem shape: every row
+    # count from 1 to 2048 must map to few shapes, never to fewer rows than asked,
+    # and to few extra rows: none up to 16, at most 7 up to 128, 31 up to 512.
+    buckets = {padded_rows(m) for m in range(1, 2049)}
+    assert len(buckets) <= 60
+    for m in range(1, 2049):
+        p = padded_rows(m)
+        slack = 0 if m <= 16 else 7 if m <= 128 else 31 if m <= 512 else 127
+        assert m <= p <= m + slack and padded_rows(p) == p
 
 
 @needs_onednn

@@ -36,6 +36,7 @@ __all__ = [
     "OneDNNLinear",
     "onednn_available",
     "onednn_linear",
+    "padded_rows",
     "resolve_linear_backend",
     "use_onednn_linears",
 ]
@@ -94,6 +95,24 @@ def resolve_linear_backend(name: str, device: torch.device, dtype: torch.dtype) 
     return "onednn" if fits and x86 and onednn_available() else "torch"
 
 
+def padded_rows(m: int) -> int:
+    """The row count a ``m``-row product runs at: ``m`` itself up to 16, then
+    rounded up to a multiple of 8 (to 128), 32 (to 512) and 128 beyond.
+
+    oneDNN builds, and keeps in its primitive cache, one kernel per problem shape,
+    each with memory of its own. An engine's steps come in every row count from 1
+    to ``max_num_batched_tokens``; unpadded, those kernels held 0.38 GiB more at
+    peak on the 256-request workload than PyTorch's path. Buckets bound the count
+    at about 50 shapes per weight matrix (up to 2048 rows). Padding adds at most
+    7, 31 or 127 rows, a small share of a product of that size (and below 128
+    rows the product is bound by reading the weights, not by the rows).
+    """
+    if m <= 16:
+        return m
+    step = 8 if m <= 128 else 32 if m <= 512 else 128
+    return -(-m // step) * step
+
+
 def onednn_linear(
     x: torch.Tensor,  # [..., in_features] float32, CPU
     weight: torch.Tensor,  # [out_features, in_features]
@@ -102,9 +121,17 @@ def onednn_linear(
     """``F.linear(x, weight, bias)`` computed by oneDNN (inference only)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if not x2.is_contiguous():
+    m = x2.shape[0]
+    rows = padded_rows(m)
+    if rows != m:  # zero rows up to the bucket; their outputs are dropped
+        padded = x2.new_zeros(rows, x2.shape[1])
+        padded[:m] = x2
+        x2 = padded
+    elif not x2.is_contiguous():
         x2 = x2.contiguous()
     out = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
+    if rows != m:
+        out = out[:m]
     return out.view(*lead, weight.shape[0])
 
 
