@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from llmprod._threads import run_in_own_thread
+from llmprod._threads import run_in_own_thread, run_on_compute_thread
 from llmprod.cache.failsafe import FailSafeCache
 from llmprod.cache.protocol import CacheBackend
 from llmprod.cache.tiered import TieredCache
@@ -206,8 +206,10 @@ class Embedder:
         return out
 
     def _compute(self, texts: list[str]) -> np.ndarray:
-        # Off the caller's thread, so that it keeps no OpenMP team (_threads.py).
-        return run_in_own_thread(self._compute_here, texts)
+        # On the engines' compute thread: no OpenMP team of its own (_threads.py).
+        if self.device.type != "cpu":
+            return self._compute_here(texts)
+        return run_on_compute_thread(self._compute_here, texts)
 
     def _compute_here(self, texts: list[str]) -> np.ndarray:
         import torch

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from llmprod import inputs
-from llmprod._threads import run_in_own_thread
+from llmprod._threads import run_in_own_thread, run_on_compute_thread
 from llmprod.attention import get_attention_backend
 from llmprod.cache.answers import AnswerCaches, conversation_text
 from llmprod.config import EngineConfig
@@ -730,7 +730,10 @@ class Engine:
             return
         t0 = time.perf_counter()
         try:
-            result = self.runner.execute(out)
+            if self.device.type == "cpu":  # one OpenMP team for all engines
+                result = run_on_compute_thread(self.runner.execute, out)
+            else:
+                result = self.runner.execute(out)
         except Exception as exc:
             self._fail_step(out, exc)
             return

@@ -1,4 +1,4 @@
-"""Work moved off the caller's thread (OpenMP teams, llmprod/_threads.py)."""
+"""Where llmprod runs its torch work (OpenMP teams, llmprod/_threads.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 import llmprod.engine
 from llmprod import SamplingParams
-from llmprod._threads import run_in_own_thread
+from llmprod._threads import compute_thread, run_in_own_thread, run_on_compute_thread
 
 
 def test_runs_on_a_thread_that_ends_and_returns_its_value() -> None:
@@ -48,3 +48,43 @@ def test_from_pretrained_loads_off_the_calling_thread(
     assert threads and threads[0] is not threading.current_thread()
     out = eng.generate("Hi", SamplingParams(max_tokens=2, temperature=0))
     assert len(out[0].token_ids) == 2
+
+
+def test_compute_thread_runs_calls_from_any_thread_on_one_thread() -> None:
+    seen: list[threading.Thread] = []
+
+    def where() -> threading.Thread:
+        seen.append(threading.current_thread())
+        # A call made on the compute thread runs at once (no deadlock).
+        return run_on_compute_thread(threading.current_thread)
+
+    callers = [threading.Thread(target=run_on_compute_thread, args=(where,))]
+    callers[0].start()
+    callers[0].join()
+    assert run_on_compute_thread(where) is compute_thread()
+    assert seen == [compute_thread(), compute_thread()]
+    assert compute_thread() is not threading.current_thread()
+
+    def fail() -> None:
+        raise ValueError("bad step")
+
+    with pytest.raises(ValueError, match="bad step"):
+        run_on_compute_thread(fail)
+    assert run_on_compute_thread(lambda: 7) == 7  # still serving after a failure
+
+
+def test_engines_step_on_the_shared_compute_thread(make_engine: Any) -> None:
+    # Two engines (as a router holds): both run their model steps on the one
+    # compute thread, not on their own step threads.
+    threads: list[threading.Thread] = []
+    engines = [make_engine(), make_engine()]
+    for eng in engines:
+        real = eng.runner.execute
+
+        def spy(out: Any, real: Any = real) -> Any:
+            threads.append(threading.current_thread())
+            return real(out)
+
+        eng.runner.execute = spy
+        eng.generate("Hi", SamplingParams(max_tokens=2, temperature=0))
+    assert threads and set(threads) == {compute_thread()}

@@ -7,7 +7,10 @@ Batch-1 decode on SmolLM2-135M, each case in a fresh process:
 - ``caller-team``: the same, after the calling thread has run one parallel torch
   op (as loading on the caller's thread did before, or as an application that
   runs torch on its own threads does): libgomp then has more workers than CPUs
-  and stops spinning between parallel regions.
+  and stops spinning between parallel regions;
+- ``second-engine``: a second engine in the process (as a router holds) that has
+  served one request. Its steps run on the same compute thread as the first's,
+  so it adds no team.
 
     python -m benchmarks.e2e.omp_teams --repeats 3
 """
@@ -22,7 +25,7 @@ import subprocess
 import sys
 import time
 
-CASES = ("alone", "caller-team")
+CASES = ("alone", "caller-team", "second-engine")
 
 
 def measure(case: str, new_tokens: int, threads: int) -> dict[str, float]:
@@ -32,9 +35,13 @@ def measure(case: str, new_tokens: int, threads: int) -> dict[str, float]:
 
     torch.set_num_threads(threads)
     eng = Engine.from_pretrained("smollm2-135m", kv_cache_memory="256MiB")
+    ids = eng.render_chat([{"role": "user", "content": "Tell me a story."}])
     if case == "caller-team":
         torch.randn(1024, 1024).matmul(torch.randn(1024, 1024))  # a parallel op
-    ids = eng.render_chat([{"role": "user", "content": "Tell me a story."}])
+    other = None
+    if case == "second-engine":
+        other = Engine.from_pretrained("smollm2-135m", kv_cache_memory="256MiB")
+        other.generate([ids], SamplingParams(max_tokens=4, temperature=0))
     p = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     eng.generate([ids], SamplingParams(max_tokens=8, temperature=0))
     r0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -44,6 +51,8 @@ def measure(case: str, new_tokens: int, threads: int) -> dict[str, float]:
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
     eng.close()
+    if other is not None:
+        other.close()
     return {
         "ms_per_token": wall / new_tokens * 1e3,
         "cpu_per_wall": cpu / wall,
