@@ -5,8 +5,8 @@ worker threads per thread that has run a parallel op, for as long as that thread
 lives. Once the process has more of these workers than CPUs, libgomp stops
 spinning between parallel regions: every worker goes to sleep after each op and
 has to be woken for the next one. An engine step runs thousands of short parallel
-ops per second; on a 2-CPU machine one extra team cost a quarter of the batch-1
-decode speed: 27.2 against 21.4 ms per token (docs/benchmarks.md, "OpenMP thread
+ops per second; on a 2-CPU machine one extra team cost nearly a third of the batch-1
+decode speed: 29.4 against 20.7 ms per token (docs/benchmarks.md, "OpenMP thread
 teams"). So:
 
 - every engine's model steps (and the MiniLM embedder's forward passes) run on
