@@ -198,8 +198,11 @@ class Engine:
             InvalidConfigError: unknown model or option (the message lists the
                 accepted values); UnsupportedModelError for other architectures.
         """
+        config = EngineConfig.from_kwargs(**kwargs)
+        if config.num_threads is not None and pick_device(config.device).type == "cpu":
+            torch.set_num_threads(config.num_threads)  # the caller's thread too
         # Loading runs torch ops in parallel; doing it on a thread that then exits
-        # leaves no idle OpenMP team behind to slow the step thread (_threads.py).
+        # leaves no idle OpenMP team behind to slow the steps (_threads.py).
         return run_in_own_thread(cls._load, model, **kwargs)
 
     @classmethod
@@ -731,7 +734,7 @@ class Engine:
         t0 = time.perf_counter()
         try:
             if self.device.type == "cpu":  # one OpenMP team for all engines
-                result = run_on_compute_thread(self.runner.execute, out)
+                result = run_on_compute_thread(self._execute_cpu, out)
             else:
                 result = self.runner.execute(out)
         except Exception as exc:
@@ -740,6 +743,14 @@ class Engine:
         self.scheduler.update(out)
         self._account(out, time.perf_counter() - t0)
         self._process(out, result)
+
+    def _execute_cpu(self, out: SchedulerOutput) -> StepResult:
+        """The model step, on the compute thread shared by all engines: with
+        this engine's thread count, which another engine may have changed."""
+        n = self.config.num_threads
+        if n is not None and torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+        return self.runner.execute(out)
 
     def _account(self, out: SchedulerOutput, elapsed: float) -> None:
         """Share the step's model time by tokens; record padding and KV use."""

@@ -6,6 +6,7 @@ import threading
 from typing import Any
 
 import pytest
+import torch
 
 import llmprod.engine
 from llmprod import SamplingParams
@@ -88,3 +89,31 @@ def test_engines_step_on_the_shared_compute_thread(make_engine: Any) -> None:
         eng.runner.execute = spy
         eng.generate("Hi", SamplingParams(max_tokens=2, temperature=0))
     assert threads and set(threads) == {compute_thread()}
+
+
+def test_each_engine_steps_with_its_own_thread_count(make_engine: Any) -> None:
+    # The compute thread is shared: an engine's num_threads must hold for its
+    # steps even after another engine asked for a different count.
+    before = torch.get_num_threads()
+    counts: dict[str, list[int]] = {"one": [], "two": []}
+    try:
+        engines = {
+            "one": make_engine(num_threads=1),
+            "two": make_engine(num_threads=2),
+        }
+        for name in ("one", "two", "one"):
+            eng = engines[name]
+            real = eng.runner.execute
+
+            def spy(out: Any, real: Any = real, name: str = name) -> Any:
+                counts[name].append(torch.get_num_threads())
+                return real(out)
+
+            eng.runner.execute = spy
+            eng.generate("Hi", SamplingParams(max_tokens=2, temperature=0))
+            eng.runner.execute = real
+    finally:  # for the tests after this one, on both threads
+        torch.set_num_threads(before)
+        run_on_compute_thread(torch.set_num_threads, before)
+    assert counts["one"] and set(counts["one"]) == {1}
+    assert counts["two"] and set(counts["two"]) == {2}
