@@ -199,25 +199,25 @@ class Engine:
                 accepted values); UnsupportedModelError for other architectures.
         """
         config = EngineConfig.from_kwargs(**kwargs)
-        if config.num_threads is not None and pick_device(config.device).type == "cpu":
-            torch.set_num_threads(config.num_threads)  # the caller's thread too
+        device = pick_device(config.device)
+        if config.num_threads is not None and device.type == "cpu":
+            # Process-wide: the loading thread and the compute thread take it up.
+            torch.set_num_threads(config.num_threads)
         # Loading runs torch ops in parallel; doing it on a thread that then exits
         # leaves no idle OpenMP team behind to slow the steps (_threads.py).
-        return run_in_own_thread(cls._load, model, **kwargs)
+        return run_in_own_thread(cls._load, model, config, device)
 
     @classmethod
-    def _load(cls, model: str | Path, **kwargs: Any) -> Engine:
+    def _load(
+        cls, model: str | Path, config: EngineConfig, device: torch.device
+    ) -> Engine:
         from transformers import AutoTokenizer
 
         from llmprod.quant import bnb_checkpoint
 
-        config = EngineConfig.from_kwargs(**kwargs)
         path = resolve_model(model)
         hf_config = load_config(path)
-        device = pick_device(config.device)
         dtype = pick_dtype(config.dtype, device)
-        if config.num_threads is not None and device.type == "cpu":
-            torch.set_num_threads(config.num_threads)
         _linear_backend(config, device, dtype)  # fail before loading the weights
         quant: str | None = None
         quant_source: str | None = None
