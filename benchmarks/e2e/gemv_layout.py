@@ -8,23 +8,13 @@ from memory as in a real step) and for the 49152 x 576 lm_head.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
+from benchmarks.e2e.harness import time_per_call
+
 SHAPES = [(1344, 576), (576, 576), (3072, 576), (576, 1536)]  # qkv, o, gate_up, down
 LAYERS = 30
-
-
-def _time(fn: Callable[[], object], n: int) -> float:
-    for _ in range(2):
-        fn()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - t) / n
 
 
 def main() -> None:
@@ -34,7 +24,7 @@ def main() -> None:
     head = torch.randn(49152, 576)
     head_cols = head.t().contiguous().t()
     read = torch.randn(64 * 2**20)  # 256 MiB
-    sec = _time(lambda: read.sum(), 5)
+    sec = time_per_call(lambda: read.sum(), 5)
     print(f"read bandwidth (sum of 256 MiB): {read.numel() * 4 / sec / 1e9:.1f} GB/s")
     print(
         "| rows (M) | layers row-major | column-major | lm_head row-major | column-major |"
@@ -45,10 +35,14 @@ def main() -> None:
             xs = {i: torch.randn(m, i) for _, i in SHAPES}
             x = torch.randn(m, 576)
             n = 5 if m <= 64 else 2
-            a = _time(lambda xs=xs: [F.linear(xs[w.shape[1]], w) for w in rows], n)
-            b = _time(lambda xs=xs: [F.linear(xs[w.shape[1]], w) for w in cols], n)
-            c = _time(lambda x=x: F.linear(x, head), n)
-            d = _time(lambda x=x: F.linear(x, head_cols), n)
+            a = time_per_call(
+                lambda xs=xs: [F.linear(xs[w.shape[1]], w) for w in rows], n
+            )
+            b = time_per_call(
+                lambda xs=xs: [F.linear(xs[w.shape[1]], w) for w in cols], n
+            )
+            c = time_per_call(lambda x=x: F.linear(x, head), n)
+            d = time_per_call(lambda x=x: F.linear(x, head_cols), n)
             print(
                 f"| {m} | {a * 1e3:.2f} ms | {b * 1e3:.2f} ms ({a / b:.2f}x) "
                 f"| {c * 1e3:.2f} ms | {d * 1e3:.2f} ms ({c / d:.2f}x) |"

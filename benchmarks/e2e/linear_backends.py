@@ -10,22 +10,12 @@ lm_head, with 1 and 2 threads.
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.e2e.harness import time_per_call
 from llmprod.models.cpu_linear import onednn_available, onednn_linear
-
-
-def _time(fn: Callable[[], object], n: int) -> float:
-    for _ in range(2):
-        fn()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - t) / n
 
 
 def main() -> None:
@@ -62,10 +52,12 @@ def _row(layers: list[torch.Tensor], head: torch.Tensor, threads: int, m: int) -
     xh = torch.randn(m, head.shape[1])
     n = max(3, 60 // m)
     with torch.inference_mode():
-        lt = _time(lambda: [F.linear(xs[w.shape[1]], w) for w in layers], n)
-        lo = _time(lambda: [onednn_linear(xs[w.shape[1]], w) for w in layers], n)
-        ht = _time(lambda: F.linear(xh, head), n)
-        ho = _time(lambda: onednn_linear(xh, head), n)
+        lt = time_per_call(lambda: [F.linear(xs[w.shape[1]], w) for w in layers], n)
+        lo = time_per_call(
+            lambda: [onednn_linear(xs[w.shape[1]], w) for w in layers], n
+        )
+        ht = time_per_call(lambda: F.linear(xh, head), n)
+        ho = time_per_call(lambda: onednn_linear(xh, head), n)
     return (
         f"| {threads} | {m} | {lt * 1e3:.2f} ms | {lo * 1e3:.2f} ms | "
         f"{lt / lo:.2f}x | {ht * 1e3:.2f} ms | {ho * 1e3:.2f} ms | {ht / ho:.2f}x |"

@@ -21,9 +21,9 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import time
+
+from benchmarks.e2e.harness import run_each_in_own_process
 
 CASES = ("alone", "caller-team", "second-engine")
 
@@ -70,15 +70,10 @@ def main() -> None:
     if args.case:
         print(json.dumps(measure(args.case, args.new_tokens, args.threads)))
         return
-    runs: dict[str, list[dict[str, float]]] = {c: [] for c in CASES}
-    for _ in range(args.repeats):
-        for case in CASES:
-            out = subprocess.run(
-                [sys.executable, "-m", "benchmarks.e2e.omp_teams", "--case", case,
-                 "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)],
-                check=True, capture_output=True, text=True,
-            )  # fmt: skip
-            runs[case].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    runs: dict[str, list[dict[str, float]]] = run_each_in_own_process(
+        "benchmarks.e2e.omp_teams", "--case", CASES, args.repeats,
+        ["--new-tokens", str(args.new_tokens), "--threads", str(args.threads)],
+    )  # fmt: skip
     print(
         f"batch-1 decode, {args.new_tokens} tokens, {args.threads} threads, "
         f"median of {args.repeats}, one process per run"

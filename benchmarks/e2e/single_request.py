@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from typing import Any
+
+from benchmarks.e2e.harness import run_each_in_own_process
 
 PROMPT = (
     "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -84,16 +84,10 @@ def main() -> None:
     if args.system:
         print(json.dumps(measure(args.system, args.new_tokens, args.threads)))
         return
-    runs: dict[str, list[float]] = {name: [] for name in SYSTEMS}
-    for _ in range(args.repeats):  # interleaved
-        for name in SYSTEMS:
-            out = subprocess.run(
-                [sys.executable, "-m", "benchmarks.e2e.single_request",
-                 "--system", name, "--new-tokens", str(args.new_tokens),
-                 "--threads", str(args.threads)],
-                check=True, capture_output=True, text=True,
-            )  # fmt: skip
-            runs[name].append(float(out.stdout.strip().splitlines()[-1]))
+    runs: dict[str, list[float]] = run_each_in_own_process(
+        "benchmarks.e2e.single_request", "--system", SYSTEMS, args.repeats,
+        ["--new-tokens", str(args.new_tokens), "--threads", str(args.threads)],
+    )  # fmt: skip
     base = statistics.median(runs[BASELINE])
     print(f"one request, {args.new_tokens} new tokens (prefill included), "
           f"{args.threads} threads, median of {args.repeats}, one process per run")  # fmt: skip
