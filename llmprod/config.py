@@ -111,6 +111,7 @@ _BACKENDS = ("auto", "torch", "triton")
 _QUANT = (None, "int8", "int8-wo", "int8-bnb")
 _MODEL_IMPLS = ("auto", "native", "generic")
 _LINEAR_BACKENDS = ("auto", "onednn", "torch")
+_SCREENING = ("auto", "on", "off")
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +132,13 @@ class EngineConfig:
     """Who computes the float32 linear layers on CPU: "auto" (oneDNN on x86-64
     where PyTorch has it, else torch), "onednn" or "torch" (PyTorch's default
     BLAS). Other dtypes and CUDA always use "torch"."""
+    greedy_screening: str = "auto"
+    """Greedy steps of a few rows on CPU pick their tokens without the full float32
+    lm_head product: an int8 copy scores every token, a proven error bound keeps
+    the few that can be the argmax, and those are scored in float32, so the token
+    is the full product's. "auto" (where lm_head is a float32 linear layer and the
+    int8 kernel runs), "on" (raise where it cannot) or "off". Costs an int8 copy
+    of lm_head (a quarter of its float32 bytes)."""
     model_impl: str = "auto"
     """"auto" (the native implementation where there is one, else transformers'
     modeling code with paged attention), "native" or "generic"."""
@@ -178,6 +186,11 @@ class EngineConfig:
             raise InvalidConfigError(
                 f"{self.linear_backend=} must be one of {_LINEAR_BACKENDS}",
                 "linear_backend",
+            )
+        if self.greedy_screening not in _SCREENING:
+            raise InvalidConfigError(
+                f"{self.greedy_screening=} must be one of {_SCREENING}",
+                "greedy_screening",
             )
         if isinstance(self.quantization_skip, str) or not all(
             isinstance(x, str) for x in self.quantization_skip

@@ -59,6 +59,7 @@ from llmprod.models.loader import (
     pick_dtype,
 )
 from llmprod.models.registry import resolve_model
+from llmprod.models.screened_head import screened_head_for
 from llmprod.outputs import Completion, Delta, Timings, Usage
 from llmprod.request import Request
 from llmprod.runner import ModelRunner, StepResult
@@ -114,6 +115,14 @@ class Engine:
         """"onednn" or "torch": who computes the float32 linear layers."""
         if self.linear_backend == "onednn":
             use_onednn_linears(model)
+        try:
+            self.greedy_head = screened_head_for(
+                model, config.greedy_screening, self.device
+            )
+        except ValueError as exc:
+            raise InvalidConfigError(str(exc), "greedy_screening") from exc
+        """Picks the tokens of small all-greedy steps without the full lm_head
+        product (``llmprod.models.screened_head``); None where it is off."""
         self.vocab_size = int(hf_config.vocab_size)
         self.max_model_len = max_model_len(hf_config, config.max_model_len)
         self.eos_token_ids = eos_token_ids(hf_config, tokenizer, model_path)
@@ -155,6 +164,7 @@ class Engine:
             self.backend,
             config.seed,
             self.eos_token_ids,
+            self.greedy_head,
         )
         self._metrics = MetricsRecorder()
         self._handles: dict[str, _Handle] = {}
@@ -485,6 +495,10 @@ class Engine:
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "attention_backend": self.backend.name,
                 "linear_backend": self.linear_backend,
+                "greedy_screening": {
+                    "enabled": self.greedy_head is not None,
+                    **(self.greedy_head.stats() if self.greedy_head else {}),
+                },
                 "model_impl": self.model_impl,
                 "quantization": self.quantization,
                 "quantization_source": self.quantization_source,
@@ -514,6 +528,8 @@ class Engine:
         self.runner.kv_caches = []
         self.backend.release()
         self.runner.model = None  # type: ignore[assignment]
+        if self.greedy_head is not None:
+            self.greedy_head.release()
         self.model = None  # type: ignore[assignment]
         gc.collect()
         if self.device.type == "cuda":

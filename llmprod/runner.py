@@ -12,6 +12,7 @@ from torch import nn
 from llmprod.attention.metadata import AttentionMetadata
 from llmprod.config import CacheConfig, parse_bytes
 from llmprod.errors import InvalidConfigError
+from llmprod.models.screened_head import ScreenedGreedyHead
 from llmprod.sampler import Sampler, SamplerOutput, make_logprob
 from llmprod.scheduler import SchedulerOutput
 
@@ -59,6 +60,8 @@ class ModelRunner:
         backend: the attention backend.
         seed: seed of the sampler's shared generator.
         eos_token_ids: tokens that end a sequence unless ``ignore_eos``.
+        greedy_head: picks the tokens of all-greedy steps of a few rows without
+            the full logits (``ScreenedGreedyHead``); None: always the full logits.
     """
 
     def __init__(
@@ -71,8 +74,10 @@ class ModelRunner:
         backend: object,
         seed: int,
         eos_token_ids: tuple[int, ...],
+        greedy_head: ScreenedGreedyHead | None = None,
     ) -> None:
         self.model = model
+        self.greedy_head = greedy_head
         self.block_size = block_size
         self.device = device
         self.backend = backend
@@ -165,8 +170,17 @@ class ModelRunner:
         if not rows:
             return StepResult(SamplerOutput([], []), [])
         last = torch.tensor([cu[i + 1] - 1 for i in rows], device=hidden.device)
-        logits = self.model.compute_logits(hidden[last])  # type: ignore[operator]
         requests = [out.scheduled[i].request for i in rows]
+        head = self.greedy_head
+        if (
+            head is not None
+            and len(rows) <= head.max_rows
+            and all(map(Sampler.needs_only_argmax, requests))
+        ):
+            token_ids = head.argmax(hidden[last])
+            if token_ids is not None:
+                return StepResult(SamplerOutput(token_ids, [None] * len(rows)), rows)
+        logits = self.model.compute_logits(hidden[last])  # type: ignore[operator]
         sampled = self.sampler(logits, requests, self.eos_token_ids)
         return StepResult(sampled, rows)
 

@@ -61,6 +61,19 @@ class Sampler:
                     logprobs[i].entropy = entropy[i]  # type: ignore[union-attr]
         return SamplerOutput(token_ids, logprobs)
 
+    @staticmethod
+    def needs_only_argmax(request: Request) -> bool:
+        """Whether the request's next token is the plain argmax of its logits:
+        greedy, no logprobs, and no repetition penalty or min_tokens in effect
+        (so the logits themselves are not needed, see ``ScreenedGreedyHead``)."""
+        p = request.params
+        return (
+            p.is_greedy
+            and p.logprobs is None
+            and not _penalized(request)
+            and not _min_tokens_active(request)
+        )
+
     def _apply_penalties(
         self,
         logits: torch.Tensor,
@@ -70,14 +83,14 @@ class Sampler:
         cloned = False
         for i, r in enumerate(requests):
             p = r.params
-            if p.repetition_penalty != 1.0 and r.seen_token_ids:
+            if _penalized(r):
                 if not cloned:
                     logits, cloned = logits.clone(), True
-                ids = torch.tensor(sorted(r.seen_token_ids), device=logits.device)
+                ids = torch.tensor(sorted(r.seen_token_ids or ()), device=logits.device)
                 row = logits[i, ids]
                 pen = p.repetition_penalty
                 logits[i, ids] = torch.where(row > 0, row / pen, row * pen)
-            if p.min_tokens and r.num_output_tokens < p.min_tokens:
+            if _min_tokens_active(r):
                 if not cloned:
                     logits, cloned = logits.clone(), True
                 banned = list(p.stop_token_ids) + (
@@ -124,6 +137,14 @@ class Sampler:
         drawn = (probs / noise).argmax(dim=-1)
         greedy = torch.tensor([p.is_greedy for p in params], device=logits.device)
         return torch.where(greedy, logits.argmax(dim=-1), drawn)
+
+
+def _penalized(r: Request) -> bool:
+    return r.params.repetition_penalty != 1.0 and bool(r.seen_token_ids)
+
+
+def _min_tokens_active(r: Request) -> bool:
+    return bool(r.params.min_tokens) and r.num_output_tokens < r.params.min_tokens
 
 
 def make_logprob(

@@ -121,7 +121,7 @@ def test_documented_names_labels_and_values() -> None:
 
 def flatten(snap: Mapping[str, Any]) -> dict[Key, float]:
     """The documented mapping, restated independently for the default settings
-    (numbers only; quantile dicts; the ``tenants`` label level)."""
+    (numbers, booleans as 0/1; quantile dicts; the ``tenants`` label level)."""
     out: dict[Key, float] = {}
 
     def walk(
@@ -144,7 +144,7 @@ def flatten(snap: Mapping[str, Any]) -> dict[Key, float]:
                         ] = val
             elif isinstance(v, Mapping):
                 walk(v, c_name, c_labels, c_path)
-            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            elif isinstance(v, (int, float)):  # a bool is a gauge of 0 or 1
                 sample = "_".join(["llmprod", *c_name])
                 if SnapshotCollector(dict)._is_counter(c_path.split(".")):
                     sample = sample.removesuffix("_total") + "_total"

@@ -147,6 +147,15 @@ class GenericForCausalLM(nn.Module):
     def lm_head(self) -> Any:
         return self.hf_model.get_output_embeddings()
 
+    @property
+    def plain_logits(self) -> bool:
+        """Whether ``compute_logits`` is ``lm_head(hidden)``, nothing after it."""
+        return (
+            self.final_softcap is None
+            and self.logit_scale is None
+            and self.logits_scaling is None
+        )
+
     def forward(
         self,
         input_ids: torch.Tensor,  # int64 [num_tokens]

@@ -151,6 +151,8 @@ class LlamaForCausalLM(nn.Module):
     logits of the rows that are sampled."""
 
     impl = "native"
+    plain_logits = True
+    """``compute_logits`` is ``lm_head(hidden)``, nothing after it."""
 
     # HF checkpoint name -> (our parameter name, shard) for the fused projections.
     _FUSED = {

@@ -1,0 +1,273 @@
+"""Greedy tokens without the full float32 lm_head product (CPU).
+
+A greedy step needs only the argmax of ``hidden @ W.T``, not every logit. On CPU
+at a few token rows that product is bound by reading ``W``: SmolLM2-135M's
+49152 x 576 float32 lm_head is 113 MB per step, the largest single cost of
+batch-1 decode once the other layers are int8. :class:`ScreenedGreedyHead` keeps
+an int8 copy of ``W`` (per-row scales, a quarter of the bytes) and, per step:
+
+1. scores every token with the int8 copy (``aten._weight_int8pack_mm``, bf16
+   activations): ``A``;
+2. bounds, per token ``n``, how far ``A[n]`` can be from the exact logit
+   ``L[n] = sum_k x[k] W[n, k]`` (and from what a float32 product computes), with
+   ``b[n] = c_A |A[n]| + alpha a[n] + beta r[n]``:
+
+   - ``r[n] = ||W[n] - s[n] q[n]||_2`` (the rounding of the weights, exact, from
+     load time) times ``beta = ||x||_2`` (Cauchy-Schwarz), plus the float32
+     summation error of a K-long product, ``gamma_K ||x||_2 ||W[n]||_2``;
+   - ``a[n] = s[n] ||q[n]||_2`` times ``alpha = ||x - bf16(x)||_2 +
+     gamma_K ||bf16(x)||_2``: the activations' rounding to bf16 and the kernel's
+     float32 accumulation;
+   - ``c_A |A[n]|``: the kernel's bf16 scale and bf16 output, each at most 2^-8
+     relative;
+
+3. keeps the tokens with ``A[n] + b[n] >= max_m (A[m] - b[m])``: any token outside
+   that set is beaten by the token that attains the maximum, whatever the exact
+   values, so the true argmax is always kept;
+4. scores those candidates in float32 against the float32 weights and takes the
+   argmax (the first index on ties, like ``torch.argmax`` over the full logits).
+
+The token is therefore the one the full float32 product picks, up to float32's
+own rounding (two products summed in different orders, as between any two BLAS
+libraries). On SmolLM2-135M chat decoding 4 candidates is the median (at most 56
+over 256 steps), so step 4 costs microseconds, and the int8 product replaced
+the float32 one at a quarter of the bytes: 0.7 ms against 2.9 ms per token on
+the benchmark machine (docs/benchmarks.md, "Greedy steps").
+
+The engine uses it only for steps whose rows are all plain greedy (no
+logprobs, no repetition penalty or min_tokens in effect) and below
+``max_rows``; every other step computes the full logits. Non-finite hidden
+states, or more candidates than ``max_candidates`` per row, also fall back to the
+full product.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmprod.quant.int8 import (
+    _FUSED_K_MULTIPLE,
+    _aligned,
+    is_int8pack_available,
+    quantize_per_channel,
+)
+
+logger = logging.getLogger("llmprod")
+
+__all__ = ["SCREENING_MODES", "ScreenedGreedyHead", "screened_head_for"]
+
+SCREENING_MODES = ("auto", "on", "off")
+
+# Relative error of the kernel's output against s[n] * (its float32 sum): bf16
+# scales and a bf16 result, each within 2^-8, so 1/((1 - 2^-8)^2) - 1 < 2^-7 + 2^-12.
+_C_OUTPUT = 2.0**-7 + 2.0**-12
+# Float32 evaluation of the bound itself and of A +- b (all terms are >= 0): a
+# relative margin far above the few float32 roundings involved (~2^-21).
+_MARGIN = 1.0 + 2.0**-12
+# Rows up to which screening measured clearly faster than the float32 product
+# (2.9 against 4.7 ms at 8 rows, 4.9 against 5.4 at 16, slower at 32).
+DEFAULT_MAX_ROWS = 8
+DEFAULT_MAX_CANDIDATES = 256
+_BUILD_ROWS = 8192
+
+
+class ScreenedGreedyHead:
+    """Greedy argmax of ``hidden @ weight.T`` through an int8 screen.
+
+    Args:
+        weight: the float32 lm_head weight ``[vocab, hidden]`` (kept by reference,
+            not copied; a tied embedding stays shared).
+        max_rows: steps with more sampled rows take the full product.
+        max_candidates: per-row average above which a step takes the full product.
+
+    Raises:
+        ValueError: the weight is not a finite 2-D float32 tensor whose width is a
+            multiple of 16 (the int8 kernel's block).
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        max_rows: int = DEFAULT_MAX_ROWS,
+        max_candidates: int = DEFAULT_MAX_CANDIDATES,
+    ) -> None:
+        if weight.dim() != 2 or weight.dtype != torch.float32:
+            raise ValueError(
+                f"screening needs a 2-D float32 weight, got {weight.dtype} "
+                f"{tuple(weight.shape)}"
+            )
+        k = weight.shape[1]
+        if k % _FUSED_K_MULTIPLE:
+            raise ValueError(
+                f"screening needs a hidden size that is a multiple of "
+                f"{_FUSED_K_MULTIPLE}, got {k}"
+            )
+        self.weight = weight.detach()
+        self.max_rows = max_rows
+        self.max_candidates = max_candidates
+        # gamma_K: float32 summation error of a K-long dot product, relative to
+        # the sum of the absolute terms.
+        u = 2.0**-24
+        self._gamma = k * u / (1 - k * u)
+        vocab = self.weight.shape[0]
+        q = torch.empty(vocab, k, dtype=torch.int8)
+        s = torch.empty(vocab, dtype=torch.float32)
+        r = torch.empty(vocab, dtype=torch.float64)
+        a = torch.empty(vocab, dtype=torch.float64)
+        # In row chunks, so that the float64 temporaries stay small (a 262k-token
+        # vocabulary would need GBs at once).
+        for lo in range(0, vocab, _BUILD_ROWS):
+            hi = min(lo + _BUILD_ROWS, vocab)
+            w = self.weight[lo:hi]
+            q[lo:hi], s[lo:hi] = quantize_per_channel(w)  # raises on inf/NaN
+            w64, q64, s64 = w.double(), q[lo:hi].double(), s[lo:hi].double()
+            # r[n] and a[n] from the module docstring, in float64.
+            r[lo:hi] = (w64 - q64 * s64[:, None]).norm(dim=1)
+            r[lo:hi] += self._gamma * w64.norm(dim=1)
+            a[lo:hi] = q64.norm(dim=1) * s64
+        self._q = _aligned(q)
+        self._scales = _aligned(s.to(torch.bfloat16))
+        self._r = _round_up(r)
+        self._a = _round_up(a)
+        self.rows = 0
+        """Rows (tokens) chosen by screening."""
+        self.candidates = 0
+        """Candidates scored in float32 over those rows."""
+        self.fallback_rows = 0
+        """Rows sent back to the full product (non-finite input, too many
+        candidates)."""
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held beside the float32 weight (int8 copy, scales, bounds)."""
+        return sum(
+            t.numel() * t.element_size()
+            for t in (self._q, self._scales, self._r, self._a)
+        )
+
+    def release(self) -> None:
+        """Drop the tensors (engine close); the counters stay readable."""
+        empty = torch.empty(0)
+        self.weight = self._q = self._scales = self._r = self._a = empty
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "candidates": self.candidates,
+            "fallback_rows": self.fallback_rows,
+            "extra_bytes": self.nbytes,
+        }
+
+    @torch.inference_mode()
+    def screen(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """int8 scores ``A`` and their bounds ``b`` (float32 ``[rows, vocab]``),
+        such that every exact logit lies in ``[A - b, A + b]``; None when a row is
+        not finite.
+
+        Args:
+            hidden: ``[rows, hidden]``, the input of lm_head.
+        """
+        x = hidden.to(torch.float32).contiguous()
+        xb = x.to(torch.bfloat16)
+        x64 = x.double()
+        beta = x64.norm(dim=1)
+        alpha = (x64 - xb.double()).norm(dim=1) + self._gamma * xb.double().norm(dim=1)
+        if not bool(torch.isfinite(beta).all()):
+            return None
+        scores = torch.ops.aten._weight_int8pack_mm(_aligned(xb), self._q, self._scales)
+        scores = scores.float()
+        bound = scores.abs().mul_(_C_OUTPUT)
+        bound.add_(_round_up(alpha)[:, None] * self._a)
+        bound.add_(_round_up(beta)[:, None] * self._r)
+        return scores, bound.mul_(_MARGIN)
+
+    @torch.inference_mode()
+    def argmax(self, hidden: torch.Tensor) -> list[int] | None:
+        """The greedy token of each row, or None to compute the full logits.
+
+        Args:
+            hidden: float32 ``[rows, hidden]``, the input of lm_head.
+        """
+        m = hidden.shape[0]
+        screened = self.screen(hidden)
+        if screened is None:
+            self.fallback_rows += m
+            return None
+        scores, bound = screened
+        x = hidden.to(torch.float32)
+        floor = (scores - bound).amax(dim=1)  # the best guaranteed score per row
+        keep = scores.add_(bound).ge(floor[:, None])  # A + b >= floor
+        rows, cols = keep.nonzero(as_tuple=True)  # row-major: cols ascend per row
+        n = int(rows.numel())
+        if n > self.max_candidates * m or not bool(torch.isfinite(floor).all()):
+            self.fallback_rows += m
+            return None
+        exact = (self.weight.index_select(0, cols) * x.index_select(0, rows)).sum(1)
+        best = torch.full((m,), float("-inf")).scatter_reduce(
+            0, rows, exact, "amax", include_self=True
+        )
+        top = exact == best.index_select(0, rows)
+        vocab = self.weight.shape[0]
+        first = torch.full((m,), vocab, dtype=cols.dtype).scatter_reduce(
+            0, rows[top], cols[top], "amin", include_self=True
+        )
+        self.rows += m
+        self.candidates += n
+        return first.tolist()  # type: ignore[no-any-return]
+
+
+def _round_up(t: torch.Tensor) -> torch.Tensor:
+    """Float64 -> float32, never below the float64 value."""
+    f = t.to(torch.float32)
+    return torch.where(
+        f.double() < t, torch.nextafter(f, torch.full_like(f, torch.inf)), f
+    )
+
+
+def screened_head_for(
+    model: nn.Module, mode: str, device: torch.device
+) -> ScreenedGreedyHead | None:
+    """The screen for ``model``'s lm_head, or None where it does not apply.
+
+    It applies on CPU when the logits are exactly ``lm_head(hidden)`` (the model's
+    ``plain_logits``), lm_head is a float32 linear layer without bias whose width
+    is a multiple of 16, and ``aten._weight_int8pack_mm`` runs here.
+
+    Args:
+        model: a native or generic model.
+        mode: "auto" (where it applies), "on" (raise where it does not) or "off".
+        device: the model's device.
+
+    Raises:
+        ValueError: ``mode="on"`` and screening does not apply (says why).
+    """
+    if mode == "off":
+        return None
+    head = getattr(model, "lm_head", None)
+    weight = getattr(head, "weight", None)
+    why = None
+    if device.type != "cpu":
+        why = f"it runs on CPU, not {device.type}"
+    elif not getattr(model, "plain_logits", False):
+        why = "the model post-processes its logits (scaling or soft-capping)"
+    elif not isinstance(head, nn.Linear) or head.bias is not None:
+        why = (
+            f"lm_head is {type(head).__name__}, not a float32 linear layer without bias"
+        )
+    elif not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32:
+        why = "lm_head's weight is not float32"
+    elif weight.shape[1] % _FUSED_K_MULTIPLE:
+        why = f"the hidden size {weight.shape[1]} is not a multiple of 16"
+    elif not is_int8pack_available("cpu"):
+        why = "aten._weight_int8pack_mm does not run here"
+    if why is not None:
+        if mode == "on":
+            raise ValueError(f"greedy_screening='on' cannot apply: {why}")
+        logger.debug("greedy screening off: %s", why)
+        return None
+    assert isinstance(weight, torch.Tensor)
+    return ScreenedGreedyHead(weight)
