@@ -29,7 +29,12 @@ SYSTEMS: dict[str, dict[str, Any] | None] = {
     "llmprod fp32": {},
     "llmprod fp32, linear_backend='torch'": {"linear_backend": "torch"},
     "llmprod fp32, generic path": {"model_impl": "generic"},
+    "llmprod fp32, greedy_screening='off'": {"greedy_screening": "off"},
     "llmprod int8": {"quantization": "int8"},
+    "llmprod int8, greedy_screening='off'": {
+        "quantization": "int8",
+        "greedy_screening": "off",
+    },
     "llmprod int8, lm_head int8 too (`quantization_skip=['embed_tokens']`)": {
         "quantization": "int8",
         "quantization_skip": ["embed_tokens"],

@@ -29,14 +29,15 @@ an int8 copy of ``W`` (per-row scales, a quarter of the bytes) and, per step:
 
 The token is therefore the one the full float32 product picks, up to float32's
 own rounding (two products summed in different orders, as between any two BLAS
-libraries). On SmolLM2-135M chat decoding 4 candidates is the median (at most 56
-over 256 steps), so step 4 costs microseconds, and the int8 product replaced
-the float32 one at a quarter of the bytes: 0.7 ms against 2.9 ms per token on
-the benchmark machine (docs/benchmarks.md, "Greedy steps").
+libraries). On SmolLM2-135M chat decoding the bound keeps 4 candidates per row
+(median; mean 6.8, at most 77 over 256 rows), so step 4 costs microseconds, and
+the int8 product reads a quarter of the bytes: at one row the screened argmax
+took 0.90 ms against 2.40 ms for the full product on the benchmark machine
+(docs/benchmarks.md, "Greedy screening").
 
 The engine uses it only for steps whose rows are all plain greedy (no
-logprobs, no repetition penalty or min_tokens in effect) and below
-``max_rows``; every other step computes the full logits. Non-finite hidden
+logprobs, no repetition penalty or min_tokens in effect), at most
+``max_rows`` of them; every other step computes the full logits. Non-finite hidden
 states, or more candidates than ``max_candidates`` per row, also fall back to the
 full product.
 """
@@ -68,9 +69,10 @@ _C_OUTPUT = 2.0**-7 + 2.0**-12
 # Float32 evaluation of the bound itself and of A +- b (all terms are >= 0): a
 # relative margin far above the few float32 roundings involved (~2^-21).
 _MARGIN = 1.0 + 2.0**-12
-# Rows up to which screening measured clearly faster than the float32 product
-# (2.9 against 4.7 ms at 8 rows, 4.9 against 5.4 at 16, slower at 32).
-DEFAULT_MAX_ROWS = 8
+# Rows up to which screening measured faster than the float32 product, on real
+# SmolLM2-135M decode rows (benchmarks/e2e/greedy_screening.py): 2.7x at 1 row,
+# 1.6x at 8, 1.1x at 16, 0.85x at 32.
+DEFAULT_MAX_ROWS = 16
 DEFAULT_MAX_CANDIDATES = 256
 _BUILD_ROWS = 8192
 
