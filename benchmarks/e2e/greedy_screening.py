@@ -2,22 +2,31 @@
 lm_head and real lm_head inputs (chat decoding), at 1 to 32 token rows.
 
     python -m benchmarks.e2e.greedy_screening --threads 2
+    python -m benchmarks.e2e.greedy_screening --engines smollm2-135m gemma3-270m
 
-Times, per call: the full product with its argmax (oneDNN, as the engine runs it
+The first times, per call: the full product with its argmax (oneDNN, as the engine runs it
 with ``greedy_screening="off"``), the screen's int8 product alone, and the whole
 screened argmax (int8 product, bounds, candidates, float32 rescoring); and counts
 the candidates the bound keeps per row. Every screened token is checked against
 the full product's.
+
+``--engines`` instead runs one greedy request (64 new tokens, prefill included)
+on each model with ``greedy_screening`` "off" and "auto", every run in a fresh
+process of its own (the cases take turns), and reports decode speed, load time
+and peak RSS, and whether the tokens were the same.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import time
+from typing import Any
 
 import torch
 
-from benchmarks.e2e.harness import time_per_call
+from benchmarks.e2e.harness import run_each_in_own_process, time_per_call
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -27,12 +36,71 @@ PROMPTS = [
 ]
 
 
+ENGINE_TEXT = "Once upon a time, a lighthouse keeper found a message in a bottle. It"
+
+
+def engine_case(case: str, threads: int) -> dict[str, Any]:
+    """One greedy request on ``MODEL:MODE``, in this (fresh) process."""
+    from llmprod import Engine, SamplingParams
+    from llmprod.metrics import peak_rss_bytes
+
+    torch.set_num_threads(threads)
+    model, mode = case.split(":")
+    t = time.perf_counter()
+    eng = Engine.from_pretrained(
+        model, kv_cache_memory="256MiB", enable_prefix_caching=False,
+        greedy_screening=mode,
+    )  # fmt: skip
+    load = time.perf_counter() - t
+    ids = eng.tokenizer.encode(ENGINE_TEXT)
+    params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    eng.generate([ids], SamplingParams(max_tokens=8, temperature=0))  # warm-up
+    t = time.perf_counter()
+    tokens = eng.generate([ids], params)[0].token_ids
+    wall = time.perf_counter() - t
+    return {"tok_s": 64 / wall, "load_s": load, "peak_rss": peak_rss_bytes(),
+            "tokens": tokens}  # fmt: skip
+
+
+def compare_engines(models: list[str], repeats: int, threads: int) -> None:
+    cases = [f"{m}:{mode}" for m in models for mode in ("off", "auto")]
+    runs = run_each_in_own_process(
+        "benchmarks.e2e.greedy_screening", "--case", cases, repeats,
+        ["--threads", str(threads)],
+    )  # fmt: skip
+    print(f"one greedy request, 64 new tokens, {threads} threads, median of "
+          f"{repeats}, one process per run")  # fmt: skip
+    print("| model | greedy_screening | tok/s | speed-up | load (s) | peak RSS (GiB) "
+          "| same tokens |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---|")
+    for m in models:
+        base = statistics.median(r["tok_s"] for r in runs[f"{m}:off"])
+        ref = runs[f"{m}:off"][0]["tokens"]
+        for mode in ("off", "auto"):
+            rs = runs[f"{m}:{mode}"]
+            tok_s = statistics.median(r["tok_s"] for r in rs)
+            load = statistics.median(r["load_s"] for r in rs)
+            rss = statistics.median(r["peak_rss"] for r in rs) / 2**30
+            same = all(r["tokens"] == ref for r in rs)
+            print(f"| {m} | {mode} | {tok_s:.1f} | {tok_s / base:.2f}x | "
+                  f"{load:.2f} | {rss:.2f} | {same} |")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--calls", type=int, default=50)
+    ap.add_argument("--engines", nargs="+", help="models to compare end to end")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--case", help=argparse.SUPPRESS)  # child process
     args = ap.parse_args()
+    if args.case:
+        print(json.dumps(engine_case(args.case, args.threads)))
+        return
+    if args.engines:
+        compare_engines(args.engines, args.repeats, args.threads)
+        return
     torch.set_num_threads(args.threads)
     from llmprod import Engine, SamplingParams
 

@@ -74,7 +74,7 @@ _MARGIN = 1.0 + 2.0**-12
 # 1.6x at 8, 1.1x at 16, 0.85x at 32.
 DEFAULT_MAX_ROWS = 16
 DEFAULT_MAX_CANDIDATES = 256
-_BUILD_ROWS = 8192
+_BUILD_ROWS = 2048
 
 
 class ScreenedGreedyHead:
