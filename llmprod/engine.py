@@ -49,7 +49,11 @@ from llmprod.metrics import (
     peak_rss_bytes,
     process_rss_bytes,
 )
-from llmprod.models.cpu_linear import resolve_linear_backend, use_onednn_linears
+from llmprod.models.cpu_linear import (
+    pack_onednn_linears,
+    resolve_linear_backend,
+    use_onednn_linears,
+)
 from llmprod.models.loader import (
     build_model,
     eos_token_ids,
@@ -113,8 +117,16 @@ class Engine:
         """"native" (llmprod's own model code) or "generic" (transformers')."""
         self.linear_backend = _linear_backend(config, self.device, self.dtype)
         """"onednn" or "torch": who computes the float32 linear layers."""
+        self.packed_linears = 0
+        """Linear layers whose weights oneDNN holds in its blocked layout."""
         if self.linear_backend == "onednn":
             use_onednn_linears(model)
+            if self.model_impl == "native":
+                # Not lm_head: screening and the tied embedding read its weight.
+                self.packed_linears = pack_onednn_linears(
+                    model,
+                    exclude=(model.lm_head,),  # type: ignore[arg-type]
+                )
         try:
             self.greedy_head = screened_head_for(
                 model, config.greedy_screening, self.device
@@ -495,6 +507,7 @@ class Engine:
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "attention_backend": self.backend.name,
                 "linear_backend": self.linear_backend,
+                "packed_linears": self.packed_linears,
                 "greedy_screening": {
                     "enabled": self.greedy_head is not None,
                     **(self.greedy_head.stats() if self.greedy_head else {}),

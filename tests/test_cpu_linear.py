@@ -13,6 +13,8 @@ from llmprod.errors import InvalidConfigError
 from llmprod.models.cpu_linear import (
     OneDNNLinear,
     onednn_available,
+    pack_onednn_linears,
+    packing_available,
     padded_rows,
     resolve_linear_backend,
     use_onednn_linears,
@@ -100,6 +102,59 @@ def test_switching_keeps_parameters_ties_and_other_layers() -> None:
     assert all(after[k] is keys[k] or torch.equal(after[k], keys[k]) for k in keys)
 
 
+needs_packing = pytest.mark.skipif(
+    not packing_available(), reason="this PyTorch cannot pack oneDNN weights"
+)
+
+
+@needs_packing
+def test_packed_weights_compute_the_same_and_keep_the_state_dict() -> None:
+    torch.manual_seed(0)
+    emb = nn.Embedding(50, 64)
+    head = nn.Linear(64, 50, bias=False)
+    head.weight = emb.weight  # tied: the embedding reads it as a plain tensor
+    model = nn.ModuleDict(
+        {
+            "emb": emb,
+            "head": head,
+            "up": nn.Linear(64, 96, bias=True),
+            "down": nn.Linear(96, 64, bias=False),
+            "kept": nn.Linear(64, 64),
+        }
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    xs = {rows: torch.randn(rows, 64) for rows in (1, 3, 8, 40, 300)}
+    with torch.inference_mode():
+        want = {r: model["down"](model["up"](x)) for r, x in xs.items()}
+    use_onednn_linears(model)
+    assert pack_onednn_linears(model, exclude=(model["kept"],)) == 2
+    assert model["up"].is_packed and model["down"].is_packed
+    assert not model["head"].is_packed and model["head"].weight is emb.weight
+    assert not model["kept"].is_packed
+    assert model["up"].weight.shape == (96, 64)
+    with torch.inference_mode():
+        for r, x in xs.items():
+            got = model["down"](model["up"](x))
+            torch.testing.assert_close(got, want[r], rtol=1e-5, atol=1e-5)
+    # The state dict is the plain one, value for value.
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert not after[k].is_mkldnn and torch.equal(after[k], v), k
+    # Loading plain weights into packed layers lays the new values out again.
+    new = {k: v * 2 for k, v in before.items()}
+    model.load_state_dict(new)
+    assert model["up"].is_packed
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            model["up"](xs[8]), F.linear(xs[8], new["up.weight"], new["up.bias"])
+        )
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        model.load_state_dict({**new, "up.weight": torch.zeros(3, 3)})
+    assert model["up"].is_packed  # still usable after the refused load
+    assert pack_onednn_linears(model) == 1  # only "kept" was left
+
+
 @needs_onednn
 def test_training_mode_falls_back_to_autograd() -> None:
     layer = nn.Linear(8, 4)
@@ -128,6 +183,13 @@ def test_engine_reports_and_validates_its_linear_backend(
     kinds = {type(m) for m in engine.model.modules() if isinstance(m, nn.Linear)}
     want = OneDNNLinear if engine.linear_backend == "onednn" else nn.Linear
     assert kinds == {want}
+    # Native path on oneDNN: the 30 layers' 4 projections are packed, not lm_head.
+    packed = engine.metrics().engine["packed_linears"]
+    if engine.linear_backend == "onednn" and packing_available():
+        assert packed == 4 * engine.hf_config.num_hidden_layers
+        assert not engine.model.lm_head.is_packed
+    else:
+        assert packed == 0
     with pytest.raises(InvalidConfigError) as err:
         make_engine(linear_backend="blas")
     assert err.value.field == "linear_backend"

@@ -2,7 +2,9 @@
 (``F.linear``, MKL in the x86 wheels) against oneDNN (``linear_backend="onednn"``),
 for a forward's worth of SmolLM2-135M's layers (30 x qkv, o, gate_up, down,
 distinct matrices that stream from memory as in a real step) and its 49152 x 576
-lm_head, with 1 and 2 threads.
+lm_head, with 1 and 2 threads. The layers also run on oneDNN with their weights
+packed in its blocked layout (``pack_onednn_linears``, what the engine does on the
+native path).
 
     python -m benchmarks.e2e.linear_backends
 """
@@ -15,7 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.e2e.harness import time_per_call
-from llmprod.models.cpu_linear import onednn_available, onednn_linear
+from llmprod.models.cpu_linear import (
+    PACK_ROWS_HINT,
+    onednn_available,
+    onednn_linear,
+    packing_available,
+)
 
 
 def main() -> None:
@@ -26,7 +33,9 @@ def main() -> None:
         raise SystemExit("this PyTorch has no oneDNN linear")
     from llmprod import Engine
 
-    eng = Engine.from_pretrained("smollm2-135m", kv_cache_memory="64MiB")
+    eng = Engine.from_pretrained(
+        "smollm2-135m", kv_cache_memory="64MiB", linear_backend="torch"
+    )
     layers = [
         m.weight.detach().clone()
         for m in eng.model.modules()
@@ -36,18 +45,30 @@ def main() -> None:
     eng.close()
     shapes = sorted({tuple(w.shape) for w in layers})
     print(f"{len(layers)} layer matrices {shapes}, lm_head {tuple(head.shape)}")
+    packed = (
+        [torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT) for w in layers]
+        if packing_available()
+        else None
+    )
     print(
         "| threads | rows (M) | layers, torch | layers, oneDNN | speed-up | "
+        "layers, oneDNN packed | speed-up | "
         "lm_head, torch | lm_head, oneDNN | speed-up |\n"
-        "|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     for threads in (1, 2):
         torch.set_num_threads(threads)
         for m in (int(r) for r in args.rows.split(",")):
-            print(_row(layers, head, threads, m))
+            print(_row(layers, packed, head, threads, m))
 
 
-def _row(layers: list[torch.Tensor], head: torch.Tensor, threads: int, m: int) -> str:
+def _row(
+    layers: list[torch.Tensor],
+    packed: list[torch.Tensor] | None,
+    head: torch.Tensor,
+    threads: int,
+    m: int,
+) -> str:
     xs = {w.shape[1]: torch.randn(m, w.shape[1]) for w in layers}
     xh = torch.randn(m, head.shape[1])
     n = max(3, 60 // m)
@@ -56,11 +77,17 @@ def _row(layers: list[torch.Tensor], head: torch.Tensor, threads: int, m: int) -
         lo = time_per_call(
             lambda: [onednn_linear(xs[w.shape[1]], w) for w in layers], n
         )
+        lp = float("nan")
+        if packed is not None:
+            lp = time_per_call(
+                lambda: [onednn_linear(xs[w.shape[1]], w) for w in packed], n
+            )
         ht = time_per_call(lambda: F.linear(xh, head), n)
         ho = time_per_call(lambda: onednn_linear(xh, head), n)
     return (
         f"| {threads} | {m} | {lt * 1e3:.2f} ms | {lo * 1e3:.2f} ms | "
-        f"{lt / lo:.2f}x | {ht * 1e3:.2f} ms | {ho * 1e3:.2f} ms | {ht / ho:.2f}x |"
+        f"{lt / lo:.2f}x | {lp * 1e3:.2f} ms | {lt / lp:.2f}x | "
+        f"{ht * 1e3:.2f} ms | {ho * 1e3:.2f} ms | {ht / ho:.2f}x |"
     )
 
 

@@ -24,8 +24,10 @@ def model_bytes(model: torch.nn.Module) -> int:
     seen: set[int] = set()
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
+        # A packed oneDNN weight (t.is_mkldnn) has no data pointer; it is its own.
+        key = id(t) if t.is_mkldnn else t.data_ptr()
+        if key not in seen:
+            seen.add(key)
             total += t.numel() * t.element_size()
     return total
 

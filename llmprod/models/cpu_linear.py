@@ -10,9 +10,11 @@ reaches (223 against 497 GFLOP/s). Through oneDNN the SmolLM2-135M layers run
 
 :func:`use_onednn_linears` switches a model's float32 ``nn.Linear`` modules to
 :class:`OneDNNLinear`, in place: same parameters (tied weights stay tied), same
-state dict, only ``forward`` differs. The weights keep their plain layout: a
-pre-packed oneDNN weight measured no faster and would have to be a second copy
-where lm_head shares its weight with the embedding.
+state dict, only ``forward`` differs. :func:`pack_onednn_linears` then lays the
+weights of untied layers out in oneDNN's blocked format, once (the engine does so
+for the decoder layers of its native models), which ran them 1.1x to 1.8x faster
+again; lm_head, whose weight the embedding shares and greedy screening reads,
+keeps the plain layout.
 
 The results are float32 matrix products summed in another order than MKL's, so
 they differ from ``nn.Linear``'s in the last bits (a 2048-wide product: at most
@@ -25,6 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 import platform
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,12 +40,19 @@ __all__ = [
     "OneDNNLinear",
     "onednn_available",
     "onednn_linear",
+    "pack_onednn_linears",
+    "packing_available",
     "padded_rows",
     "resolve_linear_backend",
     "use_onednn_linears",
 ]
 
 LINEAR_BACKENDS = ("auto", "onednn", "torch")
+# Rows oneDNN is told to expect when it re-lays a weight out (its "batch size
+# hint"). 32 measured best on the model's layers from 1 to 1024 rows; a hint of 1
+# keeps the plain layout's matrix-vector kernel, as slow as no packing at one row
+# (docs/benchmarks.md, "Packed oneDNN weights").
+PACK_ROWS_HINT = 32
 
 
 @functools.cache
@@ -64,6 +74,35 @@ def onednn_available() -> bool:
     except (RuntimeError, NotImplementedError) as exc:  # a build without the op
         logger.debug("oneDNN linear unavailable: %s", exc)
         return False
+
+
+@functools.cache
+def packing_available() -> bool:
+    """Whether oneDNN can re-lay a linear weight out for its own kernels here
+    (``torch.ops.mkldnn._reorder_linear_weight``), checked once against
+    ``F.linear``."""
+    if not onednn_available() or not hasattr(
+        torch.ops.mkldnn, "_reorder_linear_weight"
+    ):
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(5, 48, generator=g)
+        w = torch.randn(40, 48, generator=g)
+        with torch.inference_mode():
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT)
+            got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return bool(torch.allclose(got, F.linear(x, w), rtol=1e-4, atol=1e-4))
+    except (RuntimeError, NotImplementedError) as exc:
+        logger.debug("oneDNN weight packing unavailable: %s", exc)
+        return False
+
+
+def _packed(weight: torch.Tensor) -> nn.Parameter:
+    w = weight.detach().contiguous()
+    return nn.Parameter(
+        torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT), requires_grad=False
+    )
 
 
 def resolve_linear_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -140,13 +179,74 @@ class OneDNNLinear(nn.Linear):
     """``nn.Linear`` whose forward runs on oneDNN (float32, CPU, inference).
 
     Made by :func:`use_onednn_linears` from an existing ``nn.Linear``; it holds
-    nothing more than the layer it replaces.
+    nothing more than the layer it replaces. After :func:`pack_onednn_linears`
+    its ``weight`` is an opaque oneDNN tensor (``weight.is_mkldnn``; same shape
+    and dtype, ``weight.to_dense()`` gives the values); ``state_dict`` still
+    returns, and ``load_state_dict`` still takes, the plain weight.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return F.linear(x, self.weight, self.bias)  # oneDNN's op has no backward
-        return onednn_linear(x, self.weight, self.bias)
+        w = self.weight
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+            return F.linear(x, w, self.bias)  # oneDNN's op has no backward
+        return onednn_linear(x, w, self.bias)
+
+    @property
+    def is_packed(self) -> bool:
+        return bool(self.weight.is_mkldnn)
+
+    def _save_to_state_dict(
+        self, destination: dict[str, Any], prefix: str, keep_vars: bool
+    ) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        w = destination.get(prefix + "weight")
+        if w is not None and w.is_mkldnn:
+            destination[prefix + "weight"] = w.detach().to_dense()
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        if not self.is_packed:
+            super()._load_from_state_dict(state_dict, prefix, *args)
+            return
+        # Load into a plain stand-in (shape checks and errors as nn.Linear's),
+        # then lay it out again.
+        self.weight = nn.Parameter(self.weight.detach().to_dense(), requires_grad=False)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self.weight = _packed(self.weight)
+
+
+def pack_onednn_linears(model: nn.Module, exclude: tuple[nn.Module, ...] = ()) -> int:
+    """Lay the weights of ``model``'s :class:`OneDNNLinear` layers out in
+    oneDNN's blocked format, once, instead of on every call.
+
+    oneDNN's product reads a plain weight through a kernel for that layout; with
+    the weight laid out for its blocked kernels it ran the SmolLM2-135M layers
+    1.5x faster at 1 row, 1.8x at 8 and 1.1-1.2x at 64-256 (docs/benchmarks.md,
+    "Packed oneDNN weights"). The packed weight replaces the plain one (no second
+    copy). Layers in ``exclude`` and layers whose weight is shared with another
+    parameter (a tied lm_head, which the embedding reads as a plain tensor) keep
+    the plain layout.
+
+    Returns:
+        How many layers were packed.
+    """
+    if not packing_available():
+        return 0
+    owners: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        if not p.is_mkldnn:
+            owners[p.untyped_storage().data_ptr()] = (
+                owners.get(p.untyped_storage().data_ptr(), 0) + 1
+            )
+    skip = {id(m) for m in exclude}
+    n = 0
+    for mod in model.modules():
+        if type(mod) is not OneDNNLinear or id(mod) in skip or mod.is_packed:
+            continue
+        if owners.get(mod.weight.untyped_storage().data_ptr(), 0) > 1:
+            continue  # shared
+        mod.weight = _packed(mod.weight)
+        n += 1
+    return n
 
 
 def use_onednn_linears(model: nn.Module) -> int:

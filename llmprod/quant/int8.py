@@ -859,6 +859,9 @@ def linear_weight_bytes(model: nn.Module, skip: tuple[str, ...] = ()) -> int:
         for t in _held_tensors(module):
             if t.device.type == "meta":
                 continue
+            if t.is_mkldnn:  # a packed oneDNN weight: opaque, never shared
+                seen[id(t)] = t.numel() * t.element_size()
+                continue
             storage = t.untyped_storage()
             seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
