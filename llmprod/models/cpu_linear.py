@@ -12,9 +12,9 @@ reaches (223 against 497 GFLOP/s). Through oneDNN the SmolLM2-135M layers run
 :class:`OneDNNLinear`, in place: same parameters (tied weights stay tied), same
 state dict, only ``forward`` differs. :func:`pack_onednn_linears` then lays the
 weights of untied layers out in oneDNN's blocked format, once (the engine does so
-for the decoder layers of its native models), which ran them 1.1x to 1.8x faster
-again; lm_head, whose weight the embedding shares and greedy screening reads,
-keeps the plain layout.
+for the decoder layers of its native models), which ran them 1.1x-1.3x faster
+again on 2 threads; lm_head, whose weight the embedding shares and greedy
+screening reads, keeps the plain layout.
 
 The results are float32 matrix products summed in another order than MKL's, so
 they differ from ``nn.Linear``'s in the last bits (a 2048-wide product: at most
@@ -49,9 +49,8 @@ __all__ = [
 
 LINEAR_BACKENDS = ("auto", "onednn", "torch")
 # Rows oneDNN is told to expect when it re-lays a weight out (its "batch size
-# hint"). 32 measured best on the model's layers from 1 to 1024 rows; a hint of 1
-# keeps the plain layout's matrix-vector kernel, as slow as no packing at one row
-# (docs/benchmarks.md, "Packed oneDNN weights").
+# hint"); one layout serves every row count. With a hint of 1 it keeps the plain
+# layout's matrix-vector kernel, no faster than no packing at one row.
 PACK_ROWS_HINT = 32
 
 
@@ -219,9 +218,9 @@ def pack_onednn_linears(model: nn.Module, exclude: tuple[nn.Module, ...] = ()) -
     oneDNN's blocked format, once, instead of on every call.
 
     oneDNN's product reads a plain weight through a kernel for that layout; with
-    the weight laid out for its blocked kernels it ran the SmolLM2-135M layers
-    1.5x faster at 1 row, 1.8x at 8 and 1.1-1.2x at 64-256 (docs/benchmarks.md,
-    "Packed oneDNN weights"). The packed weight replaces the plain one (no second
+    the weight laid out for its blocked kernels the SmolLM2-135M layers ran 1.22x
+    faster at 1 row, 1.31x at 4, 1.18-1.24x at 16-64 and 1.08x at 256 on 2
+    threads (docs/benchmarks.md, "Linear layers through oneDNN"). The packed weight replaces the plain one (no second
     copy). Layers in ``exclude`` and layers whose weight is shared with another
     parameter (a tied lm_head, which the embedding reads as a plain tensor) keep
     the plain layout.
