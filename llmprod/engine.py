@@ -121,12 +121,11 @@ class Engine:
         """Linear layers whose weights oneDNN holds in its blocked layout."""
         if self.linear_backend == "onednn":
             use_onednn_linears(model)
-            if self.model_impl == "native":
-                # Not lm_head: screening and the tied embedding read its weight.
-                self.packed_linears = pack_onednn_linears(
-                    model,
-                    exclude=(model.lm_head,),  # type: ignore[arg-type]
-                )
+            # Not lm_head: screening and a tied embedding read its weight.
+            self.packed_linears = pack_onednn_linears(
+                model,
+                exclude=(model.lm_head,),  # type: ignore[arg-type]
+            )
         try:
             self.greedy_head = screened_head_for(
                 model, config.greedy_screening, self.device

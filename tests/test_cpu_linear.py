@@ -183,7 +183,7 @@ def test_engine_reports_and_validates_its_linear_backend(
     kinds = {type(m) for m in engine.model.modules() if isinstance(m, nn.Linear)}
     want = OneDNNLinear if engine.linear_backend == "onednn" else nn.Linear
     assert kinds == {want}
-    # Native path on oneDNN: the 30 layers' 4 projections are packed, not lm_head.
+    # On oneDNN the 30 layers' 4 (fused) projections are packed, not lm_head.
     packed = engine.metrics().engine["packed_linears"]
     if engine.linear_backend == "onednn" and packing_available():
         assert packed == 4 * engine.hf_config.num_hidden_layers

@@ -16,6 +16,7 @@ import torch
 
 from llmprod import Engine, SamplingParams
 from llmprod.errors import UnsupportedModelError
+from llmprod.models.cpu_linear import packing_available
 from tests.conftest import assert_pool_whole, first_divergence, hf_greedy
 from tests.prompts import PARAGRAPH, TEXT_PROMPTS
 from tests.test_native_models import COMMON, VOCAB, save_tiny
@@ -287,6 +288,9 @@ def test_smollm2_on_the_generic_path_equals_transformers(
     generic = make_engine(
         "smollm2-135m", model_impl="generic", kv_cache_memory="256MiB"
     )
+    # transformers' q/k/v/o/gate/up/down run with packed oneDNN weights too.
+    if packing_available() and generic.linear_backend == "onednn":
+        assert generic.metrics().engine["packed_linears"] == 7 * 30
     ids = [engine.tokenizer.encode(p) for p in TEXT_PROMPTS[:6] + TEXT_PROMPTS[-2:]]
     outs = generic.generate(ids, SamplingParams(max_tokens=16, temperature=0))
     check_tie_rule(outs, [hf_greedy(hf_model, p, 16) for p in ids])
