@@ -12,7 +12,7 @@ reaches (223 against 497 GFLOP/s). Through oneDNN the SmolLM2-135M layers run
 :class:`OneDNNLinear`, in place: same parameters (tied weights stay tied), same
 state dict, only ``forward`` differs. :func:`pack_onednn_linears` then lays the
 weights of untied layers out in oneDNN's blocked format, once (the engine does so
-for the decoder layers of its native models), which ran them 1.1x-1.3x faster
+for every float32 linear layer but lm_head), which ran them 1.1x-1.3x faster
 again on 2 threads; lm_head, whose weight the embedding shares and greedy
 screening reads, keeps the plain layout.
 
