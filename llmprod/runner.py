@@ -170,6 +170,7 @@ class ModelRunner:
         if not rows:
             return StepResult(SamplerOutput([], []), [])
         last = torch.tensor([cu[i + 1] - 1 for i in rows], device=hidden.device)
+        sampled_hidden = hidden[last]
         requests = [out.scheduled[i].request for i in rows]
         head = self.greedy_head
         if (
@@ -177,10 +178,10 @@ class ModelRunner:
             and len(rows) <= head.max_rows
             and all(map(Sampler.needs_only_argmax, requests))
         ):
-            token_ids = head.argmax(hidden[last])
+            token_ids = head.argmax(sampled_hidden)
             if token_ids is not None:
                 return StepResult(SamplerOutput(token_ids, [None] * len(rows)), rows)
-        logits = self.model.compute_logits(hidden[last])  # type: ignore[operator]
+        logits = self.model.compute_logits(sampled_hidden)  # type: ignore[operator]
         sampled = self.sampler(logits, requests, self.eos_token_ids)
         return StepResult(sampled, rows)
 

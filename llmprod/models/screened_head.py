@@ -59,9 +59,7 @@ from llmprod.quant.int8 import (
 
 logger = logging.getLogger("llmprod")
 
-__all__ = ["SCREENING_MODES", "ScreenedGreedyHead", "screened_head_for"]
-
-SCREENING_MODES = ("auto", "on", "off")
+__all__ = ["ScreenedGreedyHead", "screened_head_for"]
 
 # Relative error of the kernel's output against s[n] * (its float32 sum): bf16
 # scales and a bf16 result, each within 2^-8, so 1/((1 - 2^-8)^2) - 1 < 2^-7 + 2^-12.
