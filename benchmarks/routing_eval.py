@@ -46,8 +46,8 @@ import numpy as np
 import torch
 
 from llmprod import Engine, SamplingParams
-from llmprod.quality import bleu, default_embedder, semantic_similarity
-from llmprod.router import (
+from llmprod.eval.quality import bleu, default_embedder, semantic_similarity
+from llmprod.router.router import (
     CascadePolicy,
     ComplexityPolicy,
     RoutePlan,

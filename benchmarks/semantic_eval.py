@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from llmprod.cache.semantic import DEFAULT_THRESHOLD, SemanticCache
-from llmprod.embeddings import Embedder
+from llmprod.answers.embeddings import Embedder
+from llmprod.answers.semantic import DEFAULT_THRESHOLD, SemanticCache
 from llmprod.outputs import Completion
 from llmprod.sampling_params import SamplingParams
 

@@ -32,7 +32,7 @@ Split-KV (decode): with ``num_kv_splits > 1`` each tile's key range is cut into 
 many contiguous chunks handled by separate programs, which write unnormalised
 partial outputs plus their running max and sum to an fp32 workspace; a second
 kernel merges them. This fills the GPU when a few long sequences decode.
-The reference is ``llmprod.attention.reference.paged_attention_ref``.
+The reference is ``llmprod.layers.attention.reference.paged_attention_ref``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmprod.attention.reference import paged_attention_ref
+from llmprod.layers.attention.reference import paged_attention_ref
 
 from .triton_store_kv import check_device
 

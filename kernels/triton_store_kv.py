@@ -16,7 +16,7 @@ Algorithm: one program per token copies that token's whole ``[num_kv_heads,
 head_dim]`` tile of K and of V. It is a pure copy, so it runs at memory
 bandwidth; the only arithmetic is the slot split, done in int64 because
 ``block_id * stride`` outgrows int32 for large caches. The reference is
-``llmprod.attention.reference.store_kv_ref``.
+``llmprod.layers.attention.reference.store_kv_ref``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmprod.attention.reference import store_kv_ref
+from llmprod.layers.attention.reference import store_kv_ref
 
 __all__ = ["store_kv", "store_kv_ref"]
 

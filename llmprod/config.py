@@ -161,14 +161,14 @@ class EngineConfig:
     num_threads: int | None = None
     """torch intra-op threads on CPU; None keeps torch's choice."""
     prices: Any = None
-    """A :class:`llmprod.pricing.PriceTable`; None costs nothing."""
+    """A :class:`llmprod.ops.pricing.PriceTable`; None costs nothing."""
     limits: Any = None
     """Per-tenant limits: ``{tenant: TenantLimits}`` or a ready
-    :class:`llmprod.throttle.Throttle`; None: no limits."""
+    :class:`llmprod.ops.limits.Throttle`; None: no limits."""
     default_limits: Any = None
-    """:class:`llmprod.throttle.TenantLimits` for tenants not in ``limits``."""
+    """:class:`llmprod.ops.limits.TenantLimits` for tenants not in ``limits``."""
     guards: Any = None
-    """Safety guards run on every prompt and output (``llmprod.guards``)."""
+    """Safety guards run on every prompt and output (``llmprod.ops.guards``)."""
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     """The paged KV cache."""
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)

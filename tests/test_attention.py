@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmprod.attention import (
+from llmprod.layers.attention import (
     AttentionMetadata,
     TorchAttentionBackend,
     paged_attention_ref,
 )
-from llmprod.scheduler import group_by_length
+from llmprod.sched.scheduler import group_by_length
 
 # (context length after the step, query length) per sequence
 BATCHES = {

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from llmprod.kv import BlockPool, KVCacheManager, hash_block
-from llmprod.request import Request
 from llmprod.sampling_params import SamplingParams
+from llmprod.sched.request import Request
 
 
 def make_request(tokens: list[int], rid: str = "r", **params: object) -> Request:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmprod.errors import InvalidConfigError
-from llmprod.models.cpu_linear import (
+from llmprod.layers.linear import (
     OneDNNLinear,
     onednn_available,
     pack_onednn_linears,

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from llmprod.detokenizer import IncrementalDetokenizer
+from llmprod.engine.detokenizer import IncrementalDetokenizer
 
 
 @pytest.fixture(scope="module")

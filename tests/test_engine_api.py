@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llmprod import Completion, Engine, SamplingParams
-from llmprod.metrics import process_rss_bytes
+from llmprod.ops.metrics import process_rss_bytes
 from tests.conftest import wait_idle
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0)

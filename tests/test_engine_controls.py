@@ -12,9 +12,9 @@ import pytest
 
 from llmprod import SamplingParams
 from llmprod.errors import GuardBlockedError, RateLimited
-from llmprod.guards import BlockListGuard, PIIGuard
-from llmprod.pricing import PriceTable
-from llmprod.throttle import TenantLimits
+from llmprod.ops.guards import BlockListGuard, PIIGuard
+from llmprod.ops.limits import TenantLimits
+from llmprod.ops.pricing import PriceTable
 
 PRICES = PriceTable(prompt_per_1k=0.5, completion_per_1k=1.5)
 GREEDY = SamplingParams(max_tokens=8, temperature=0)

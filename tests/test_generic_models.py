@@ -16,7 +16,7 @@ import torch
 
 from llmprod import Engine, SamplingParams
 from llmprod.errors import UnsupportedModelError
-from llmprod.models.cpu_linear import packing_available
+from llmprod.layers.linear import packing_available
 from tests.conftest import assert_pool_whole, first_divergence, hf_greedy
 from tests.prompts import PARAGRAPH, TEXT_PROMPTS
 from tests.test_native_models import COMMON, VOCAB, save_tiny

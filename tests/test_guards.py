@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llmprod.errors import GuardBlockedError, InvalidRequestError
-from llmprod.guards import (
+from llmprod.ops.guards import (
     BlockListGuard,
     Guard,
     GuardResult,
@@ -244,6 +244,6 @@ def test_any_object_with_the_protocol_is_a_guard() -> None:
 def test_docstring_examples_run() -> None:
     import doctest
 
-    import llmprod.guards
+    import llmprod.ops.guards
 
-    assert doctest.testmod(llmprod.guards).failed == 0
+    assert doctest.testmod(llmprod.ops.guards).failed == 0

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from llmprod.pricing import FREE, PriceTable
+from llmprod.ops.pricing import FREE, PriceTable
 
 
 def test_token_prices_per_thousand() -> None:
@@ -87,6 +87,6 @@ def test_frozen_and_round_trips_through_a_dict() -> None:
 def test_docstring_examples_run() -> None:
     import doctest
 
-    import llmprod.pricing
+    import llmprod.ops.pricing
 
-    assert doctest.testmod(llmprod.pricing).failed == 0
+    assert doctest.testmod(llmprod.ops.pricing).failed == 0

@@ -13,7 +13,12 @@ import pytest
 pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmprod.prometheus import PIP_HINT, SnapshotCollector, render, start_http_server
+from llmprod.ops.prometheus import (
+    PIP_HINT,
+    SnapshotCollector,
+    render,
+    start_http_server,
+)
 from llmprod.sampling_params import SamplingParams
 
 Key = tuple[str, tuple[tuple[str, str], ...]]
@@ -208,7 +213,7 @@ def test_response_cache_stats_shape(caplog: pytest.LogCaptureFixture) -> None:
         "pending_writes": 2,
         "backend": {"memory": {"hits": 4, "set_errors": 1}},
     }
-    with caplog.at_level("WARNING", logger="llmprod.prometheus"):
+    with caplog.at_level("WARNING", logger="llmprod.ops.prometheus"):
         samples, types = parse(render(lambda: {"cache": {"response": stats}}))
     assert samples == {
         ("llmprod_cache_response_hits_total", (("tier", "memory"),)): 4,

@@ -1,4 +1,4 @@
-"""llmprod.quality: BLEU against sacrebleu itself, MiniLM similarity, and the
+"""llmprod.eval.quality: BLEU against sacrebleu itself, MiniLM similarity, and the
 engine-vs-engine report on the real model."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from llmprod import Engine, SamplingParams
-from llmprod.quality import (
+from llmprod.eval.quality import (
     QUALITY_PIP,
     ComparisonReport,
     bleu,

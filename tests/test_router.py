@@ -1,4 +1,4 @@
-"""llmprod.router on the real model: complexity routing, the cascade's escalation
+"""llmprod.router.router on the real model: complexity routing, the cascade's escalation
 rule, the stats and their sums, streaming, chat, async and threads."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 
 from llmprod import Engine, SamplingParams
 from llmprod.errors import InvalidConfigError
-from llmprod.pricing import PriceTable
-from llmprod.router import (
+from llmprod.ops.pricing import PriceTable
+from llmprod.router.router import (
     CascadePolicy,
     ComplexityPolicy,
     RoutePlan,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from llmprod.config import SchedulerConfig
 from llmprod.kv import KVCacheManager
-from llmprod.request import Request
 from llmprod.sampling_params import SamplingParams
-from llmprod.scheduler import Scheduler, SchedulerOutput, group_by_length
+from llmprod.sched.request import Request
+from llmprod.sched.scheduler import Scheduler, SchedulerOutput, group_by_length
 
 
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, **cfg: int) -> Scheduler:

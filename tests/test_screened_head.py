@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from llmprod import Engine, SamplingParams
 from llmprod.errors import InvalidConfigError
-from llmprod.models.screened_head import ScreenedGreedyHead
+from llmprod.layers.screened_head import ScreenedGreedyHead
 from llmprod.quant.int8 import is_int8pack_available
 from tests.prompts import TEXT_PROMPTS as PROMPTS
 

@@ -9,9 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from llmprod.outputs import TokenLogprob
-from llmprod.sampling_params import SamplingParams
-from llmprod.signals import (
+from llmprod.ops.signals import (
     LOW_CONFIDENCE_MEAN_LOGPROB,
     UNGROUNDED_BELOW,
     grounding,
@@ -19,6 +17,8 @@ from llmprod.signals import (
     split_sentences,
     top_entropy,
 )
+from llmprod.outputs import TokenLogprob
+from llmprod.sampling_params import SamplingParams
 
 
 def tok(
@@ -163,7 +163,7 @@ UNSUPPORTED = [  # on-topic inventions and off-topic statements
 
 @pytest.fixture(scope="module")
 def minilm() -> Iterator[object]:
-    from llmprod.embeddings import Embedder, locate_model_dir
+    from llmprod.answers.embeddings import Embedder, locate_model_dir
     from llmprod.errors import ModelLoadError
 
     try:
@@ -203,6 +203,6 @@ def test_signals_on_a_real_completion(engine: object) -> None:
 def test_docstring_examples_run() -> None:
     import doctest
 
-    import llmprod.signals
+    import llmprod.ops.signals
 
-    assert doctest.testmod(llmprod.signals).failed == 0
+    assert doctest.testmod(llmprod.ops.signals).failed == 0

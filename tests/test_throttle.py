@@ -16,10 +16,11 @@ import pytest
 from llmprod.config import SchedulerConfig
 from llmprod.errors import InvalidRequestError, RateLimited, RateLimitedError
 from llmprod.kv import KVCacheManager
-from llmprod.request import Request
+from llmprod.ops.limits import MIN_RETRY_AFTER_S, TenantLimits, Throttle
 from llmprod.sampling_params import SamplingParams
-from llmprod.scheduler import Scheduler
-from llmprod.throttle import MIN_RETRY_AFTER_S, FairQueue, TenantLimits, Throttle
+from llmprod.sched.fair_queue import FairQueue
+from llmprod.sched.request import Request
+from llmprod.sched.scheduler import Scheduler
 
 
 class FakeClock:
@@ -513,6 +514,6 @@ def test_scheduler_admits_tenants_in_turn() -> None:
 def test_docstring_examples_run() -> None:
     import doctest
 
-    import llmprod.throttle
+    import llmprod.ops.limits
 
-    assert doctest.testmod(llmprod.throttle).failed == 0
+    assert doctest.testmod(llmprod.ops.limits).failed == 0

@@ -557,7 +557,7 @@ def measure_machine(model_path: str, threads: int) -> dict[str, Any]:
     # torch.mm is PyTorch's default fp32 GEMM (MKL in the x86 wheels); oneDNN is
     # what llmprod's linear layers run on where it is available.
     gemm_gflops = gflops(lambda: torch.mm(a, b))
-    from llmprod.models.cpu_linear import onednn_available, onednn_linear
+    from llmprod.layers.linear import onednn_available, onednn_linear
 
     onednn_gflops = None
     if onednn_available():

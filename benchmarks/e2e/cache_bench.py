@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.workload import WorkloadSpec, build_workload, load_tokenizer
 from llmprod import Engine, SamplingParams
-from llmprod.pricing import PriceTable
+from llmprod.ops.pricing import PriceTable
 
 PRICES = PriceTable(prompt_per_1k=0.05, completion_per_1k=0.15)
 

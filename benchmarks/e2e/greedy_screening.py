@@ -42,7 +42,7 @@ ENGINE_TEXT = "Once upon a time, a lighthouse keeper found a message in a bottle
 def engine_case(case: str, threads: int) -> dict[str, Any]:
     """One greedy request on ``MODEL:MODE``, in this (fresh) process."""
     from llmprod import Engine, SamplingParams
-    from llmprod.metrics import peak_rss_bytes
+    from llmprod.ops.metrics import peak_rss_bytes
 
     torch.set_num_threads(threads)
     model, mode = case.split(":")
@@ -117,7 +117,7 @@ def main() -> None:
         eng.generate([eng.render_chat([{"role": "user", "content": text}])], params)
     hook.remove()
     hidden = torch.cat([h for h in captured if h.shape[0] == 1])  # decode rows
-    from llmprod._threads import run_on_compute_thread
+    from llmprod.exec.threads import run_on_compute_thread
 
     # Timed on the engine's compute thread, where the engine runs it (a second
     # thread running parallel ops would start a second OpenMP team).
@@ -128,7 +128,7 @@ def main() -> None:
 def measure(
     args: argparse.Namespace, lm_head: torch.nn.Module, hidden: torch.Tensor, n: int
 ) -> None:
-    from llmprod.models.screened_head import ScreenedGreedyHead
+    from llmprod.layers.screened_head import ScreenedGreedyHead
 
     head = ScreenedGreedyHead(lm_head.weight.detach(), max_rows=1 << 30)
     with torch.inference_mode():

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.e2e.harness import time_per_call
-from llmprod.models.cpu_linear import (
+from llmprod.layers.linear import (
     PACK_ROWS_HINT,
     onednn_available,
     onednn_linear,

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from llmprod import Engine, SamplingParams
-from llmprod.attention import AttentionMetadata, TorchAttentionBackend
-from llmprod.scheduler import group_by_length
+from llmprod.layers.attention import AttentionMetadata, TorchAttentionBackend
+from llmprod.sched.scheduler import group_by_length
 
 HEADS, KV_HEADS, HEAD_DIM, WINDOW, BLOCK = 4, 1, 256, 512, 16
 PROMPT_TOKENS = 1795  # decode cost depends on lengths, not on which tokens

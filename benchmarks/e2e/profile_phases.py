@@ -80,7 +80,7 @@ def main() -> None:
     timed(eng.scheduler, "schedule", "scheduler")
     timed(eng, "_process", "detokenize + stops")
     if args.attention_detail:
-        import llmprod.attention.torch_backend as tb
+        import llmprod.layers.attention.torch_backend as tb
 
         timed(eng.backend, "_gather", "    block gathers (in attention)")
         timed(

@@ -268,7 +268,7 @@ def bench_shape(
     from llmprod.kernels import paged_attention
     from llmprod.kernels.triton_paged_attention import keep
 
-    from llmprod.attention.reference import paged_attention_ref
+    from llmprod.layers.attention.reference import paged_attention_ref
 
     dtype = DTYPES[dtype_name]
     q_len = 1 if mode == "decode" else context

@@ -11,14 +11,14 @@
 ``DiskCache``, ``RedisCache`` and ``FsspecCache`` are imported on first use, so
 their optional packages are needed only by those who use them.
 
-On top of the backends: :class:`ResponseCache` (exact answers, keyed by
-:func:`response_key`) and :class:`SemanticCache` (answers to prompts that mean
-the same; imported on first use, it needs numpy). See ``docs/caching.md``.
+What gets stored in them (exact and semantic answers, embeddings) lives in
+:mod:`llmprod.answers`. See ``docs/caching.md``.
 """
 
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from llmprod.cache.failsafe import FailSafeCache
@@ -31,20 +31,12 @@ from llmprod.cache.protocol import (
     UnsafeEntryError,
 )
 from llmprod.cache.registry import open_cache, register_backend, registered_schemes
-from llmprod.cache.response import (
-    ResponseCache,
-    completion_from_bytes,
-    completion_to_bytes,
-    model_fingerprint,
-    response_key,
-)
 from llmprod.cache.tiered import TieredCache
 
 if TYPE_CHECKING:
     from llmprod.cache.disk import DiskCache
     from llmprod.cache.fsspec import FsspecCache
     from llmprod.cache.redis import RedisCache
-    from llmprod.cache.semantic import SemanticCache
 
 __all__ = [
     "CacheBackend",
@@ -56,28 +48,39 @@ __all__ = [
     "MemoryCache",
     "MissingDependencyError",
     "RedisCache",
-    "ResponseCache",
-    "SemanticCache",
     "TieredCache",
     "UnsafeEntryError",
-    "completion_from_bytes",
-    "completion_to_bytes",
-    "model_fingerprint",
     "open_cache",
     "register_backend",
     "registered_schemes",
-    "response_key",
 ]
 
 _LAZY = {
     "DiskCache": "llmprod.cache.disk",
     "FsspecCache": "llmprod.cache.fsspec",
     "RedisCache": "llmprod.cache.redis",
-    "SemanticCache": "llmprod.cache.semantic",
+}
+
+# Names that moved to llmprod.answers (and llmprod.models.fingerprint); reachable
+# here for one release with a DeprecationWarning.
+_MOVED = {
+    "ResponseCache": "llmprod.answers",
+    "SemanticCache": "llmprod.answers",
+    "completion_from_bytes": "llmprod.answers",
+    "completion_to_bytes": "llmprod.answers",
+    "response_key": "llmprod.answers",
+    "model_fingerprint": "llmprod.models.fingerprint",
 }
 
 
 def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        warnings.warn(
+            f"llmprod.cache.{name} moved to {_MOVED[name]}.{name}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(_MOVED[name]), name)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'llmprod.cache' has no attribute {name!r}")

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from llmprod.kv.block_pool import BlockPool, hash_block
 
 if TYPE_CHECKING:
-    from llmprod.request import Request
+    from llmprod.sched.request import Request
 
 
 class KVCacheManager:

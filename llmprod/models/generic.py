@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmprod.attention.metadata import AttentionMetadata
 from llmprod.errors import UnsupportedModelError
+from llmprod.layers.attention.metadata import AttentionMetadata
 from llmprod.models.loader import unsupported_layer_types
 
 logger = logging.getLogger("llmprod")
@@ -252,7 +252,7 @@ def _smoke_test(
     model: GenericForCausalLM, device: torch.device, dtype: torch.dtype
 ) -> None:
     """Run one token through a scratch cache: every layer must attend through us."""
-    from llmprod.attention import TorchAttentionBackend
+    from llmprod.layers.attention import TorchAttentionBackend
 
     block = 16
     caches = [

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmprod.attention.metadata import AttentionMetadata
+from llmprod.layers.attention.metadata import AttentionMetadata
 
 _HAS_RMS_NORM = hasattr(F, "rms_norm")  # torch >= 2.4
 

@@ -11,9 +11,14 @@ from typing import Any
 import numpy as np
 import pytest
 
+from llmprod.answers.embeddings import (
+    EMBEDDING_DIM,
+    MODEL_PIP,
+    Embedder,
+    locate_model_dir,
+)
 from llmprod.cache import FailSafeCache, MemoryCache
 from llmprod.cache.disk import DiskCache
-from llmprod.embeddings import EMBEDDING_DIM, MODEL_PIP, Embedder, locate_model_dir
 from llmprod.errors import ModelLoadError
 
 from .conftest import skip_or_fail

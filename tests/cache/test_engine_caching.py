@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_exact_hit_skips_the_model_streams_and_costs_nothing(make_engine: Any) -> None:
-    from llmprod.pricing import PriceTable
+    from llmprod.ops.pricing import PriceTable
 
     eng = make_engine(
         kv_cache_memory="64MiB",

@@ -20,18 +20,15 @@ from typing import Any
 
 import pytest
 
-from llmprod.cache import (
-    FailSafeCache,
-    MemoryCache,
+from llmprod.answers import (
     ResponseCache,
-    TieredCache,
     completion_from_bytes,
     completion_to_bytes,
-    model_fingerprint,
-    open_cache,
     response_key,
 )
-from llmprod.cache.response import FORMAT_VERSION, sampling_key_fields
+from llmprod.answers.exact import FORMAT_VERSION, sampling_key_fields
+from llmprod.cache import FailSafeCache, MemoryCache, TieredCache, open_cache
+from llmprod.models.fingerprint import model_fingerprint
 from llmprod.outputs import Completion, Timings, TokenLogprob, Usage
 from llmprod.sampling_params import SamplingParams
 
@@ -114,7 +111,7 @@ def test_key_is_stable_across_processes_and_pinned(tmp_path: Path) -> None:
     key = response_key("fp", PROMPT, GREEDY, [{"role": "user", "content": "é"}])
     fp = model_fingerprint(model, "float32", None)
     other = run_python(
-        "import json; from llmprod.cache import response_key, model_fingerprint;"
+        "import json; from llmprod.answers import response_key; from llmprod.models.fingerprint import model_fingerprint;"
         "from llmprod.sampling_params import SamplingParams as S;"
         f"k = response_key('fp', {PROMPT!r}, S(temperature=0.0, max_tokens=16, extra={{'x': 1}}),"
         " [{'content': 'é', 'role': 'user'}]);"
@@ -466,7 +463,7 @@ def test_another_process_reads_what_this_one_wrote(
         with ResponseCache(url, "fp", backend_options=options) as cache:
             assert cache.store(PROMPT, GREEDY, c)
     out = run_python(
-        "import json; from llmprod.cache import ResponseCache, completion_to_bytes;"
+        "import json; from llmprod.answers import ResponseCache, completion_to_bytes;"
         "from llmprod.sampling_params import SamplingParams as S;"
         "res = [];\n"
         f"for url, opts in [({redis_server.url!r}, {{'namespace': {ns!r}}}), ({disk!r}, {{}})]:\n"

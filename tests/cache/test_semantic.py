@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmprod.cache import FailSafeCache, MemoryCache, SemanticCache
+from llmprod.answers import SemanticCache
+from llmprod.answers.embeddings import Embedder, locate_model_dir
+from llmprod.answers.semantic import DEFAULT_THRESHOLD, TextEmbedder
+from llmprod.cache import FailSafeCache, MemoryCache
 from llmprod.cache.disk import DiskCache
-from llmprod.cache.semantic import DEFAULT_THRESHOLD, TextEmbedder
-from llmprod.embeddings import Embedder, locate_model_dir
 from llmprod.errors import ModelLoadError
 from llmprod.outputs import Completion
 from llmprod.sampling_params import SamplingParams
@@ -156,8 +157,8 @@ def test_index_persists_for_a_fresh_process(minilm: Embedder, tmp_path: Path) ->
     assert vectors.startswith(b"\x93NUMPY") and len(chunk["entries"]) == 2
     store.close()
     out = run_python(
-        "import json; from llmprod.cache import SemanticCache;"
-        "from llmprod.embeddings import Embedder;"
+        "import json; from llmprod.answers import SemanticCache;"
+        "from llmprod.answers.embeddings import Embedder;"
         "from llmprod.sampling_params import SamplingParams as S;"
         f"c = SemanticCache({url!r}, Embedder(), {FP!r});"
         "p = S(temperature=0, max_tokens=32);"

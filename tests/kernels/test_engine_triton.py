@@ -67,7 +67,7 @@ def test_triton_without_gpu_or_interpreter_is_a_clear_error(
 ) -> None:
     import torch
 
-    from llmprod.attention import get_attention_backend
+    from llmprod.layers.attention import get_attention_backend
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(InvalidConfigError, match="needs a CUDA device"):

@@ -24,7 +24,7 @@ from llmprod.kernels.triton_paged_attention import (
     select_num_kv_splits,
 )
 
-from llmprod.attention.reference import paged_attention_ref
+from llmprod.layers.attention.reference import paged_attention_ref
 
 from .tolerances import tolerance
 

@@ -16,7 +16,7 @@ pytest.importorskip(
 
 from llmprod.kernels import store_kv
 
-from llmprod.attention.reference import store_kv_ref
+from llmprod.layers.attention.reference import store_kv_ref
 
 BLOCK_SIZES = [16, 32]
 HEAD_DIMS = [64, 128]

@@ -15,7 +15,7 @@ import torch
 from llmprod import Engine, SamplingParams
 from llmprod.errors import ModelLoadError, UnsupportedModelError
 from llmprod.quant import int8
-from llmprod.quant.bnb_checkpoint import (
+from llmprod.quant.bnb import (
     SOURCE,
     BnbCheckpointError,
     load_bnb_int8_model,

@@ -60,7 +60,7 @@ def test_perplexity_within_two_percent_of_fp32(
 
 @pytest.mark.slow
 def test_greedy_answers_agree_with_fp32(engine: Engine, int8_engine: Any) -> None:
-    from llmprod.quality import semantic_similarity
+    from llmprod.eval.quality import semantic_similarity
 
     prompts: list[Any] = [engine.tokenizer.encode(p) for p in TEXT_PROMPTS]
     prompts += [engine.render_chat(m) for m in CHAT_PROMPTS]

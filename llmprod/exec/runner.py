@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from llmprod.attention.metadata import AttentionMetadata
 from llmprod.config import CacheConfig, parse_bytes
 from llmprod.errors import InvalidConfigError
-from llmprod.models.screened_head import ScreenedGreedyHead
-from llmprod.sampler import Sampler, SamplerOutput, make_logprob
-from llmprod.scheduler import SchedulerOutput
+from llmprod.exec.sampler import Sampler, SamplerOutput, make_logprob
+from llmprod.layers.attention.metadata import AttentionMetadata
+from llmprod.layers.screened_head import ScreenedGreedyHead
+from llmprod.sched.scheduler import SchedulerOutput
 
 
 @dataclass(slots=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from llmprod.outputs import TokenLogprob
-from llmprod.request import Request
+from llmprod.sched.request import Request
 
 
 @dataclass(slots=True)

@@ -11,9 +11,10 @@ import logging
 import time
 from typing import Any
 
-from llmprod.cache.response import ResponseCache, model_fingerprint
+from llmprod.answers.exact import ResponseCache
+from llmprod.models.fingerprint import model_fingerprint
 from llmprod.outputs import Completion, Timings
-from llmprod.request import Request
+from llmprod.sched.request import Request
 
 logger = logging.getLogger("llmprod")
 
@@ -64,8 +65,8 @@ class AnswerCaches:
             self.exact = ResponseCache(cache, self.fingerprint, ttl=ttl)
             _warn_if_down(self.exact.backend, "response cache")
         if semantic_cache is not None:
-            from llmprod.cache.semantic import SemanticCache
-            from llmprod.embeddings import Embedder
+            from llmprod.answers.embeddings import Embedder
+            from llmprod.answers.semantic import SemanticCache
 
             self.semantic = SemanticCache(
                 semantic_cache,

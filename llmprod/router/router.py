@@ -40,17 +40,17 @@ from collections.abc import (
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from llmprod import inputs
+from llmprod.engine import inputs
+from llmprod.engine.inputs import Message, Prompt
 from llmprod.errors import InvalidConfigError, InvalidRequestError
-from llmprod.inputs import Message, Prompt
 from llmprod.outputs import Completion, Delta
 from llmprod.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from llmprod.embeddings import Embedder
-    from llmprod.engine import Engine
+    from llmprod.answers.embeddings import Embedder
+    from llmprod.engine.engine import Engine
 
 __all__ = [
     "DEFAULT_FEATURE_WEIGHTS",
@@ -65,7 +65,7 @@ __all__ = [
 
 Price = Any
 """A price for one engine: an object with ``cost(prompt_tokens=, completion_tokens=)``
-(such as ``llmprod.pricing.PriceTable``), a float (per 1K tokens, prompt and
+(such as ``llmprod.ops.pricing.PriceTable``), a float (per 1K tokens, prompt and
 completion alike), or a pair ``(per 1K prompt tokens, per 1K completion tokens)``."""
 
 
@@ -319,7 +319,7 @@ class ComplexityPolicy(RoutingPolicy):
             Default: the five text features with :data:`DEFAULT_FEATURE_WEIGHTS`,
             plus ``similarity`` when an ``embedder`` or ``hard_exemplars`` is given.
         embedder: the Embedder for ``similarity`` (default: the shared one from
-            :func:`llmprod.quality.default_embedder`).
+            :func:`llmprod.eval.quality.default_embedder`).
         hard_exemplars: the texts ``similarity`` compares with (default
             :data:`HARD_EXEMPLARS`).
 
@@ -384,7 +384,7 @@ class ComplexityPolicy(RoutingPolicy):
     # ----------------------------------------------------------------- features
     def _embedder(self) -> Embedder:
         if self.embedder is None:
-            from llmprod.quality import default_embedder
+            from llmprod.eval.quality import default_embedder
 
             self.embedder = default_embedder()
         return self.embedder
@@ -729,7 +729,7 @@ class Router:
         prices: optional name -> price, used for a call whose Completion carries
             no cost (the engine has no price table) and for the baseline. A price
             is an object with ``cost(prompt_tokens=, completion_tokens=)`` such as
-            ``llmprod.pricing.PriceTable``, a float per 1K tokens, or a pair
+            ``llmprod.ops.pricing.PriceTable``, a float per 1K tokens, or a pair
             ``(per 1K prompt tokens, per 1K completion tokens)``.
 
     Raises:

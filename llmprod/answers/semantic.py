@@ -23,7 +23,7 @@ restarts and is shared by every process on the same store. Under the prefix
 * ``vec:<sha256>``: the chunk's vectors, ``np.save(..., allow_pickle=False)``
   bytes of a float32 ``[rows, dim]`` array, keyed by their own hash, so a chunk
   document and its vectors always match;
-* ``entry:<id>``: the answer, as :func:`~llmprod.cache.response.completion_to_bytes`.
+* ``entry:<id>``: the answer, as :func:`~llmprod.answers.exact.completion_to_bytes`.
 
 Each cache instance appends to chunks of its own (``chunk_size`` entries), so
 two processes never overwrite each other's chunks; the manifest is merged on
@@ -52,9 +52,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from llmprod.cache._background import BackgroundWriter
-from llmprod.cache.protocol import CacheBackend, check_ttl
-from llmprod.cache.response import (
+from llmprod.answers.exact import (
     STORED_FINISH_REASONS,
     _snapshot,
     as_failsafe,
@@ -65,6 +63,8 @@ from llmprod.cache.response import (
     get_with_label,
     sampling_key_fields,
 )
+from llmprod.cache._background import BackgroundWriter
+from llmprod.cache.protocol import CacheBackend, check_ttl
 from llmprod.outputs import Completion, Timings
 from llmprod.sampling_params import SamplingParams
 
@@ -84,7 +84,7 @@ _MEMO_SIZE = 1024
 
 @runtime_checkable
 class TextEmbedder(Protocol):
-    """What the semantic cache needs from an embedder (:class:`~llmprod.embeddings.Embedder` fits).
+    """What the semantic cache needs from an embedder (:class:`~llmprod.answers.embeddings.Embedder` fits).
 
     Attributes:
         model_id: names the embedding model; part of the index identity.
@@ -114,7 +114,7 @@ class _Chunk:
 class SemanticCache:
     """A response cache keyed by the meaning of the prompt text.
 
-    >>> from llmprod.embeddings import Embedder  # doctest: +SKIP
+    >>> from llmprod.answers.embeddings import Embedder  # doctest: +SKIP
     >>> cache = SemanticCache("diskcache:///tmp/sem", Embedder(), fp)  # doctest: +SKIP
     >>> cache.add("What is the capital of France?", params, completion)  # doctest: +SKIP
     >>> cache.flush()  # doctest: +SKIP
@@ -126,8 +126,8 @@ class SemanticCache:
             :class:`~llmprod.cache.failsafe.FailSafeCache`), or a fail-safe or
             tiered cache (used as given).
         embedder: turns texts into unit vectors (an
-            :class:`~llmprod.embeddings.Embedder`).
-        model_fingerprint: from :func:`~llmprod.cache.response.model_fingerprint`.
+            :class:`~llmprod.answers.embeddings.Embedder`).
+        model_fingerprint: from :func:`~llmprod.answers.exact.model_fingerprint`.
         threshold: the lowest cosine similarity that counts as a hit, in (0, 1].
         max_entries: the most entries in the index; the oldest chunks go first.
         namespace: the key prefix, to keep several indexes on one store apart.

@@ -7,13 +7,13 @@ from typing import Any, Protocol
 
 import torch
 
-from llmprod.attention.metadata import AttentionMetadata
-from llmprod.attention.reference import paged_attention_ref, store_kv_ref
-from llmprod.attention.torch_backend import (
+from llmprod.errors import InvalidConfigError
+from llmprod.layers.attention.metadata import AttentionMetadata
+from llmprod.layers.attention.reference import paged_attention_ref, store_kv_ref
+from llmprod.layers.attention.torch_backend import (
     TorchAttentionBackend,
     TritonAttentionBackend,
 )
-from llmprod.errors import InvalidConfigError
 
 __all__ = [
     "AttentionBackend",

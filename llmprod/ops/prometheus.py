@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-logger = logging.getLogger("llmprod.prometheus")
+logger = logging.getLogger("llmprod.ops.prometheus")
 
 PIP_HINT = "pip install 'llmprod[metrics]'"
 
@@ -59,7 +59,7 @@ DEFAULT_LABEL_LEVELS: Mapping[str, str] = {
     "cache.*.backend": "tier",
 }
 """Dotted path (fnmatch pattern) of a dict -> the label its keys become. The cache
-entries fit :meth:`llmprod.cache.response.ResponseCache.stats` and
+entries fit :meth:`llmprod.answers.exact.ResponseCache.stats` and
 :meth:`llmprod.cache.TieredCache.stats` placed at ``cache`` or one level below."""
 
 DEFAULT_COUNTERS: tuple[str, ...] = (
@@ -123,7 +123,7 @@ class SnapshotCollector:
 
     Args:
         snapshot_fn: returns the snapshot: a mapping, or an object with
-            ``to_dict()`` (a :class:`~llmprod.metrics.MetricsSnapshot`).
+            ``to_dict()`` (a :class:`~llmprod.ops.metrics.MetricsSnapshot`).
         prefix: metric name prefix.
         label_levels: dotted dict path -> label name (see the module docstring).
         counters: fnmatch patterns of counter paths.

@@ -1,0 +1,1 @@
+"""Quality measurement: BLEU and semantic similarity, engine against engine."""
