@@ -47,6 +47,14 @@ def parse_bytes(value: int | str, field_name: str = "kv_cache_memory") -> int:
     return n
 
 
+DEFAULT_QUANTIZATION_SKIP: tuple[str, ...] = ("lm_head", "embed_tokens")
+"""Modules int8 leaves in full precision unless told otherwise."""
+
+DEFAULT_SEMANTIC_THRESHOLD = 0.90
+"""Cosine similarity (MiniLM) at which a semantic cache lookup is a hit; measured
+on paraphrase pairs in docs/caching.md."""
+
+
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
     """The paged KV cache."""
@@ -144,7 +152,7 @@ class EngineConfig:
     modeling code with paged attention), "native" or "generic"."""
     quantization: str | None = None
     """None, "int8" (best measured path), "int8-wo" or "int8-bnb"."""
-    quantization_skip: tuple[str, ...] = ("lm_head", "embed_tokens")
+    quantization_skip: tuple[str, ...] = DEFAULT_QUANTIZATION_SKIP
     """Modules int8 leaves in full precision (a name, a dotted suffix or a parent,
     e.g. "mlp.down_proj"); ``()`` quantizes lm_head too."""
     cache: Any = None
@@ -153,7 +161,7 @@ class EngineConfig:
     semantic_cache: Any = None
     """Semantic response cache (MiniLM similarity): a URL, backend or TieredCache."""
     semantic_threshold: float | None = None
-    """Cosine similarity of a semantic hit (default 0.90, see docs/caching.md)."""
+    """Cosine similarity of a semantic hit (None: :data:`DEFAULT_SEMANTIC_THRESHOLD`)."""
     cache_ttl: float | None = None
     """Lifetime of cached answers in seconds (None: until evicted)."""
     seed: int = 0

@@ -12,13 +12,13 @@ import time
 from typing import Any
 
 from llmprod.answers.exact import ResponseCache
+from llmprod.config import DEFAULT_SEMANTIC_THRESHOLD
 from llmprod.models.fingerprint import model_fingerprint
 from llmprod.outputs import Completion, Timings
 from llmprod.sched.request import Request
 
 logger = logging.getLogger("llmprod")
 
-DEFAULT_SEMANTIC_THRESHOLD = 0.90
 """Cosine similarity for a semantic hit (see docs/caching.md for the measured table)."""
 
 

@@ -65,6 +65,7 @@ from llmprod.answers.exact import (
 )
 from llmprod.cache._background import BackgroundWriter
 from llmprod.cache.protocol import CacheBackend, check_ttl
+from llmprod.config import DEFAULT_SEMANTIC_THRESHOLD
 from llmprod.outputs import Completion, Timings
 from llmprod.sampling_params import SamplingParams
 
@@ -72,7 +73,7 @@ __all__ = ["DEFAULT_THRESHOLD", "SemanticCache", "TextEmbedder"]
 
 logger = logging.getLogger("llmprod.cache")
 
-DEFAULT_THRESHOLD = 0.90
+DEFAULT_THRESHOLD = DEFAULT_SEMANTIC_THRESHOLD
 """Cosine similarity at which a stored answer is reused (see docs/caching.md)."""
 
 INDEX_VERSION = 1

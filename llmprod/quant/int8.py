@@ -55,6 +55,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmprod.config import DEFAULT_QUANTIZATION_SKIP
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -77,7 +79,7 @@ __all__ = [
     "save_quantized",
 ]
 
-DEFAULT_SKIP: tuple[str, ...] = ("lm_head", "embed_tokens")
+DEFAULT_SKIP = DEFAULT_QUANTIZATION_SKIP
 METHODS: tuple[str, ...] = ("int8-wo", "int8-bnb")
 FORMAT_NAME = "llmprod-int8"
 FORMAT_VERSION = 1
