@@ -35,7 +35,7 @@ class IncrementalDetokenizer:
         self.stop_reason: str | None = None
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
+        return str(self.tokenizer.decode(ids, skip_special_tokens=self.skip_special))
 
     def add(self, token_id: int) -> str | None:
         """Add one token. Returns the stop string if this token completed one."""

@@ -1,8 +1,9 @@
-"""The Engine: the public entry point, and the one thread that runs the steps.
+"""The Engine: the public API users call, in any thread or event loop.
 
-Callers in any thread or event loop submit requests; a single step-loop thread
-owns the scheduler, the KV cache and the model, and pushes results into each
-request's own sink. ``step()`` is schedule -> run -> process, one call each.
+It builds the parts (admission, the step loop, output processing) and turns the
+sync, async and streaming calls into requests for the loop; each request's
+results come back through its own sink. Follow one request through the parts in
+``docs/architecture.md``.
 """
 
 from __future__ import annotations
@@ -11,80 +12,46 @@ import asyncio
 import contextlib
 import functools
 import gc
-import hashlib
-import itertools
 import logging
 import queue
 import threading
-import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 
-from llmprod.answers.caches import AnswerCaches, conversation_text
+from llmprod.answers.caches import AnswerCaches
 from llmprod.config import EngineConfig
 from llmprod.engine import inputs
-from llmprod.engine.detokenizer import IncrementalDetokenizer
+from llmprod.engine.admission import Admission
+from llmprod.engine.core import EngineCore
 from llmprod.engine.inputs import Message, Prompt
-from llmprod.errors import (
-    EngineClosedError,
-    GuardBlockedError,
-    InvalidConfigError,
-    InvalidRequestError,
-    LLMProdError,
-    RateLimitedError,
-    RequestFailedError,
-)
-from llmprod.exec.runner import ModelRunner, StepResult
-from llmprod.exec.threads import run_in_own_thread, run_on_compute_thread
+from llmprod.engine.loading import linear_backend, load_model
+from llmprod.engine.output import Handle, OutputProcessor
+from llmprod.errors import EngineClosedError, InvalidConfigError
+from llmprod.exec.runner import ModelRunner
+from llmprod.exec.threads import run_in_own_thread
 from llmprod.kv.manager import KVCacheManager
 from llmprod.layers.attention import get_attention_backend
-from llmprod.layers.linear import (
-    pack_onednn_linears,
-    resolve_linear_backend,
-    use_onednn_linears,
-)
+from llmprod.layers.linear import pack_onednn_linears, use_onednn_linears
 from llmprod.layers.screened_head import screened_head_for
-from llmprod.models.loader import (
-    build_model,
-    eos_token_ids,
-    load_config,
-    max_model_len,
-    pick_device,
-    pick_dtype,
-)
-from llmprod.models.registry import resolve_model
-from llmprod.ops.guards import apply_guards
+from llmprod.models.loader import eos_token_ids, max_model_len, pick_device
 from llmprod.ops.metrics import (
     MetricsRecorder,
     MetricsSnapshot,
     peak_rss_bytes,
     process_rss_bytes,
 )
-from llmprod.ops.signals import logprob_signals
-from llmprod.outputs import Completion, Delta, Timings, Usage
+from llmprod.outputs import Completion, Delta
 from llmprod.sampling_params import SamplingParams
 from llmprod.sched.request import Request
-from llmprod.sched.scheduler import Scheduler, SchedulerOutput
+from llmprod.sched.scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from llmprod.ops.limits import Throttle
 
 logger = logging.getLogger("llmprod")
-
-
-@dataclass(slots=True, eq=False)
-class _Handle:
-    """A submitted request and where its results go."""
-
-    request: Request
-    detok: IncrementalDetokenizer
-    sink: Callable[[Any], None]
-    """Receives Delta objects (streaming), the final Completion, or an exception."""
-    streaming: bool
-    submit_time: float = field(default_factory=time.monotonic)
-    done: bool = False
 
 
 class Engine:
@@ -115,7 +82,7 @@ class Engine:
         self.dtype = next(model.parameters()).dtype
         self.model_impl: str = getattr(model, "impl", "native")
         """"native" (llmprod's own model code) or "generic" (transformers')."""
-        self.linear_backend = _linear_backend(config, self.device, self.dtype)
+        self.linear_backend = linear_backend(config, self.device, self.dtype)
         """"onednn" or "torch": who computes the float32 linear layers."""
         self.packed_linears = 0
         """Linear layers whose weights oneDNN holds in its blocked layout."""
@@ -162,11 +129,21 @@ class Engine:
                 config.semantic_threshold,
                 config.cache_ttl,
             )
-        self.kv = KVCacheManager(
-            self.num_blocks, self.block_size, cc.enable_prefix_caching
+        self._metrics = MetricsRecorder()
+        self.admission = Admission(
+            config,
+            tokenizer,
+            model_name,
+            self.vocab_size,
+            self.max_model_len,
+            self.num_blocks,
+            self.block_size,
+            self.device,
+            self.throttle,
+            self.answers,
         )
-        self.scheduler = Scheduler(config.scheduler_config, self.kv)
-        self.runner = ModelRunner(
+        kv = KVCacheManager(self.num_blocks, self.block_size, cc.enable_prefix_caching)
+        runner = ModelRunner(
             model,
             self.num_blocks,
             self.block_size,
@@ -177,18 +154,26 @@ class Engine:
             self.eos_token_ids,
             self.greedy_head,
         )
-        self._metrics = MetricsRecorder()
-        self._handles: dict[str, _Handle] = {}
-        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._wakeup = threading.Event()
+        self.output = OutputProcessor(
+            config,
+            tokenizer,
+            self.eos_token_ids,
+            self.max_model_len,
+            self._metrics,
+            self.answers,
+        )
+        self.core = EngineCore(
+            Scheduler(config.scheduler_config, kv),
+            kv,
+            runner,
+            self.output,
+            self._metrics,
+            config.num_threads,
+        )
+        """The step loop; it owns the scheduler, the KV cache and the runner."""
         self._closed = False
         self._close_lock = threading.Lock()
-        self._ids = itertools.count()
-        self._id_prefix = uuid.uuid4().hex[:8]
-        self._thread = threading.Thread(
-            target=self._loop, name="llmprod-engine", daemon=True
-        )
-        self._thread.start()
+        self.core.start()
         logger.info(
             "engine ready: %s (%s path) on %s/%s, %d KV blocks x %d tokens, "
             "attention=%s",
@@ -200,6 +185,19 @@ class Engine:
             self.block_size,
             self.backend.name,
         )
+
+    # The step loop's parts, for diagnostics and tests (the loop thread owns them).
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.core.scheduler
+
+    @property
+    def kv(self) -> KVCacheManager:
+        return self.core.kv
+
+    @property
+    def runner(self) -> ModelRunner:
+        return self.core.runner
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -225,45 +223,23 @@ class Engine:
             # Process-wide: the loading thread and the compute thread take it up.
             torch.set_num_threads(config.num_threads)
         # Loading runs torch ops in parallel; doing it on a thread that then exits
-        # leaves no idle OpenMP team behind to slow the steps (_threads.py).
+        # leaves no idle OpenMP team behind to slow the steps (exec/threads.py).
         return run_in_own_thread(cls._load, model, config, device)
 
     @classmethod
     def _load(
         cls, model: str | Path, config: EngineConfig, device: torch.device
     ) -> Engine:
-        from transformers import AutoTokenizer
-
-        from llmprod.quant import bnb as bnb_checkpoint
-
-        path = resolve_model(model)
-        hf_config = load_config(path)
-        dtype = pick_dtype(config.dtype, device)
-        _linear_backend(config, device, dtype)  # fail before loading the weights
-        quant: str | None = None
-        quant_source: str | None = None
-        if bnb_checkpoint.is_bnb_int8_checkpoint(hf_config):
-            nn_model, quant = bnb_checkpoint.load_bnb_int8_model(
-                hf_config, path, dtype, device, config.quantization
-            )
-            quant_source = bnb_checkpoint.SOURCE
-        else:
-            nn_model = build_model(hf_config, path, dtype, device, config.model_impl)
-            if config.quantization is not None:
-                quant = _quantize(
-                    nn_model, config.quantization, path, config.quantization_skip
-                )
-                quant_source = "quantized-at-load"
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        m = load_model(model, config, device)
         return cls(
-            nn_model,
-            tokenizer,
-            hf_config,
-            path,
+            m.model,
+            m.tokenizer,
+            m.hf_config,
+            m.path,
             config,
             str(model),
-            quant,
-            quant_source,
+            m.quantization,
+            m.quantization_source,
         )
 
     # ------------------------------------------------------------------ public API
@@ -345,6 +321,22 @@ class Engine:
             if isinstance(r, Completion):
                 r.flags["grounding"] = grounding(r.text, context, self._embedder)
 
+    @overload
+    def chat(
+        self,
+        messages: Sequence[Message],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        **kwargs: Any,
+    ) -> Completion: ...
+
+    @overload
+    def chat(
+        self,
+        messages: Sequence[Sequence[Message]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        **kwargs: Any,
+    ) -> list[Completion]: ...
+
     def chat(
         self,
         messages: Sequence[Message] | Sequence[Sequence[Message]],
@@ -381,7 +373,7 @@ class Engine:
         h = self._submit(req, q.put, True)
         return self._iter_stream(h, q)
 
-    def _iter_stream(self, h: _Handle, q: queue.SimpleQueue[Any]) -> Iterator[Delta]:
+    def _iter_stream(self, h: Handle, q: queue.SimpleQueue[Any]) -> Iterator[Delta]:
         try:
             while True:
                 item = q.get()
@@ -470,12 +462,11 @@ class Engine:
         Unknown or finished ids are ignored.
         """
         if not self._closed:
-            self._inbox.put(("abort", request_id))
-            self._wakeup.set()
+            self.core.abort(request_id)
 
     def metrics(self) -> MetricsSnapshot:
         """A snapshot of counters, latency percentiles, cache and memory use."""
-        kv = self.kv
+        kv = self.kv.stats()
         if self.device.type == "cuda":
             mem = {
                 "now_bytes": int(torch.cuda.memory_allocated(self.device)),
@@ -483,21 +474,18 @@ class Engine:
             }
         else:
             mem = {"now_bytes": process_rss_bytes(), "peak_bytes": peak_rss_bytes()}
-        queries = kv.num_prefix_query_tokens
         snap = self._metrics.snapshot(
             kv_cache={
-                "num_blocks": self.num_blocks,
-                "block_size": self.block_size,
-                "usage": kv.pool.usage(),
-                "cached_blocks": kv.pool.num_cached_blocks,
-                "prefix_hit_rate": kv.num_prefix_hit_tokens / queries
-                if queries
-                else 0.0,
-                "evictions": kv.pool.num_evictions,
-                "budget_bytes": self.num_blocks * self._kv_block_bytes,
-                "touched_bytes": kv.pool.num_touched_blocks * self._kv_block_bytes,
+                "num_blocks": kv.num_blocks,
+                "block_size": kv.block_size,
+                "usage": kv.usage,
+                "cached_blocks": kv.num_cached_blocks,
+                "prefix_hit_rate": kv.prefix_hit_rate,
+                "evictions": kv.num_evictions,
+                "budget_bytes": kv.num_blocks * self._kv_block_bytes,
+                "touched_bytes": kv.num_touched_blocks * self._kv_block_bytes,
             },
-            scheduler={"preemptions": self.scheduler.num_preemptions},
+            scheduler={"preemptions": self.scheduler.stats().num_preemptions},
             cache=self.answers.stats() if self.answers is not None else {},
             memory=mem,
             engine={
@@ -531,10 +519,8 @@ class Engine:
             if self._closed:
                 return
             self._closed = True
-        self._inbox.put(("close", None))
-        self._wakeup.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join()
+            self.admission.is_closed = True
+        self.core.shutdown()
         if self.answers is not None:
             self.answers.close()
         self.runner.kv_caches = []
@@ -560,16 +546,7 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def render_chat(self, messages: Sequence[Message]) -> list[int]:
         """Token ids of a conversation rendered with the chat template."""
-        inputs.check_messages(messages)
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidRequestError(
-                f"model {self.model_name!r} has no chat template; use generate()",
-                "messages",
-            )
-        text = self.tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=True, tokenize=False
-        )
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return self.admission.render_chat(messages)
 
     def _prepare(
         self,
@@ -578,26 +555,12 @@ class Engine:
         tenant: str,
         return_exceptions: bool,
         wait_timeout: float | None = None,
-    ) -> list[Request | LLMProdError]:
-        """Validate a batch in the caller's thread: bad input raises here, naming
-        its index, unless ``return_exceptions`` keeps the error in its place."""
-        batch = inputs.as_prompt_list(prompts)
-        plist = inputs.params_list(params, len(batch))
-        out: list[Request | LLMProdError] = []
-        for i, (p, sp) in enumerate(zip(batch, plist)):
-            try:
-                out.append(self._make_request(p, sp, tenant, wait_timeout))
-            except (InvalidRequestError, RateLimitedError) as exc:
-                if return_exceptions:
-                    out.append(exc)
-                    continue
-                for r in out:  # nothing of this batch runs: give the slots back
-                    if isinstance(r, Request) and r.ticket is not None:
-                        r.ticket.release(0, 0.0)
-                if len(batch) > 1 and isinstance(exc, InvalidRequestError):
-                    raise type(exc)(f"prompts[{i}]: {exc}", exc.field) from exc
-                raise
-        return out
+    ) -> list[Request | BaseException]:
+        return list(
+            self.admission.admit_batch(
+                prompts, params, tenant, return_exceptions, wait_timeout
+            )
+        )
 
     def _make_request(
         self,
@@ -606,358 +569,23 @@ class Engine:
         tenant: str,
         wait_timeout: float | None = None,
     ) -> Request:
-        """Validate, guard, tokenize and admit one prompt or conversation (errors
-        raise in the caller's thread, before the model sees anything)."""
-        if self._closed:
-            raise EngineClosedError("the engine is closed")
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError(
-                f"params must be SamplingParams, got {type(params).__name__}", "params"
-            )
-        text = context = None
-        flags: dict[str, Any] = {}
-        if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
-            messages = list(prompt)
-            inputs.check_messages(messages)  # type: ignore[arg-type]
-            if self.guards:
-                messages, flags = self._guard_messages(messages)  # type: ignore[arg-type]
-            ids = self.render_chat(messages)  # type: ignore[arg-type]
-            text, context = conversation_text(messages)  # type: ignore[arg-type]
-        else:
-            ids = inputs.prompt_token_ids(prompt, self.tokenizer, self.vocab_size)  # type: ignore[arg-type]
-            text = prompt if isinstance(prompt, str) else None
-            if self.guards:
-                seen = text if text is not None else self.tokenizer.decode(ids)
-                res = apply_guards(self.guards, seen, "prompt")
-                flags = res.flags
-                if res.text != seen:  # redacted: the model sees the redacted text
-                    text = res.text
-                    ids = list(self.tokenizer.encode(text))
-        inputs.check_lengths(
-            len(ids), params, self.max_model_len, self.num_blocks, self.block_size
-        )
-        rid = f"req-{self._id_prefix}-{next(self._ids)}"
-        req = Request(rid, ids, params, tenant=tenant, text=text, context=context)
-        if flags:
-            req.flags["guards"] = {"prompt": flags}
-        if self.throttle is not None:
-            prices = self.config.prices
-            estimate = prices.cost(len(ids), params.max_tokens) if prices else 0.0
-            req.ticket = self.throttle.admit(
-                tenant, len(ids) + params.max_tokens, wait_timeout,
-                estimated_cost=estimate,
-            )  # fmt: skip
-        return req
-
-    def _guard_messages(
-        self, messages: list[Message]
-    ) -> tuple[list[Message], dict[str, Any]]:
-        """Run the prompt guards over each message's content."""
-        out, flags = [], {}
-        for i, m in enumerate(messages):
-            res = apply_guards(self.guards, m["content"], "prompt")
-            out.append({**m, "content": res.text})
-            if res.flags:
-                flags[f"messages[{i}]"] = res.flags
-        return out, flags
+        return self.admission.admit(prompt, params, tenant, wait_timeout)
 
     def _submit(
         self, req: Request, sink: Callable[[Any], None], streaming: bool
-    ) -> _Handle:
-        p = req.params
-        detok = IncrementalDetokenizer(
-            self.tokenizer, p.stop, p.include_stop_str_in_output, p.skip_special_tokens
-        )
-        h = _Handle(req, detok, sink, streaming)
-        cached = self.answers.lookup(req) if self.answers is not None else None
+    ) -> Handle:
+        """Hand an admitted request to the loop (or answer it from the caches)."""
+        h = self.output.make_handle(req, sink, streaming)
+        cached = self.admission.lookup(req)
         with self._close_lock:
             if self._closed:
                 raise EngineClosedError("the engine is closed")
             self._metrics.on_submit(req.tenant)
             if cached is None:
-                self._inbox.put(("add", h))
+                self.core.submit(h)
         if cached is not None:  # answered without touching the model
-            self._deliver_cached(h, cached)
-        else:
-            self._wakeup.set()
+            self.output.deliver_cached(h, cached)
         return h
-
-    def _deliver_cached(self, h: _Handle, comp: Completion) -> None:
-        h.done = True
-        req = h.request
-        if req.ticket is not None:
-            req.ticket.release(0, 0.0)
-        self._metrics.on_finish(
-            "completed",
-            comp.usage.prompt_tokens,
-            comp.usage.completion_tokens,
-            comp.usage.cached_prompt_tokens,
-            {"queued": 0.0, "ttft": comp.timings.ttft_s, "e2e": comp.timings.e2e_s},
-            tenant=req.tenant,
-            cost=0.0,
-            cache_tier=comp.cache_hit,
-        )
-        if h.streaming:
-            h.sink(Delta(req.request_id, comp.text, list(comp.token_ids),
-                         comp.finish_reason, comp))  # fmt: skip
-        else:
-            h.sink(comp)
-
-    # ------------------------------------------------------------------ step loop
-    def _loop(self) -> None:
-        while True:
-            self._wakeup.clear()
-            if not self._drain_inbox():
-                self._shutdown()
-                return
-            if not self.scheduler.has_work():
-                self._wakeup.wait()
-                continue
-            try:
-                self.step()
-            except Exception:
-                logger.exception("engine step failed outside the model")
-                for h in list(self._handles.values()):
-                    self._fail(h, RequestFailedError("engine step failed; see the log"))
-
-    def _drain_inbox(self) -> bool:
-        """Take new requests and aborts. False when close() was asked."""
-        while True:
-            try:
-                kind, item = self._inbox.get_nowait()
-            except queue.Empty:
-                return True
-            if kind == "add":
-                self._handles[item.request.request_id] = item
-                self.scheduler.add(item.request)
-            elif kind == "abort":
-                h = self._handles.get(item)
-                if h is not None and not h.done:
-                    self.scheduler.abort(h.request)
-                    self._finalize(h, "abort")
-            elif kind == "close":
-                return False
-
-    def _shutdown(self) -> None:
-        for h in list(self._handles.values()):
-            if not h.done:
-                self.scheduler.abort(h.request)
-                self._finalize(h, "abort")
-        while True:  # requests that raced with close()
-            try:
-                kind, item = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if kind == "add":
-                item.request.block_ids = []
-                self._finalize(item, "abort")
-
-    def step(self) -> None:
-        """One engine step: schedule, run the model, process the outputs."""
-        out = self.scheduler.schedule()
-        for req in out.finished:  # the pool cannot hold them any longer
-            self._finalize(self._handles[req.request_id], req.finish_reason or "length")
-        if out.is_empty:
-            return
-        t0 = time.perf_counter()
-        try:
-            if self.device.type == "cpu":  # one OpenMP team for all engines
-                result = run_on_compute_thread(self._execute_cpu, out)
-            else:
-                result = self.runner.execute(out)
-        except Exception as exc:
-            self._fail_step(out, exc)
-            return
-        self.scheduler.update(out)
-        self._account(out, time.perf_counter() - t0)
-        self._process(out, result)
-
-    def _execute_cpu(self, out: SchedulerOutput) -> StepResult:
-        """The model step, on the compute thread shared by all engines: with
-        this engine's thread count, which another engine may have changed."""
-        n = self.config.num_threads
-        if n is not None and torch.get_num_threads() != n:
-            torch.set_num_threads(n)
-        return self.runner.execute(out)
-
-    def _account(self, out: SchedulerOutput, elapsed: float) -> None:
-        """Share the step's model time by tokens; record padding and KV use."""
-        per_token = elapsed / max(out.num_batched_tokens, 1)
-        for e in out.scheduled:
-            e.request.compute_s += per_token * e.num_new_tokens
-        bs = self.block_size
-        running = self.scheduler.running
-        allocated = sum(len(r.block_ids) for r in running) * bs
-        used = sum(r.num_computed_tokens for r in running)
-        self._metrics.on_step(
-            out.padded_elements,
-            out.processed_elements,
-            self.kv.pool.usage(),
-            (allocated - used) / allocated if allocated else 0.0,
-        )
-
-    def _process(self, out: SchedulerOutput, result: StepResult) -> None:
-        now = time.monotonic()
-        for row, idx in enumerate(result.sampled_entries):
-            req = out.scheduled[idx].request
-            h = self._handles[req.request_id]
-            token = result.sampled.token_ids[row]
-            req.append_token(token)
-            if req.first_token_time is None:
-                req.first_token_time = now
-            lp = result.sampled.logprobs[row]
-            if lp is not None:
-                req.logprobs.append(lp)
-            stop_str = h.detok.add(token)
-            reason = self._check_stop(req, token, stop_str)
-            if reason is not None:
-                self.scheduler.finish(req, reason)
-                self._finalize(h, reason, last_token_ids=[token])
-            elif h.streaming:
-                text = h.detok.take_delta(final=False)
-                h.sink(Delta(req.request_id, text, [token]))
-
-    def _check_stop(self, req: Request, token: int, stop_str: str | None) -> str | None:
-        p = req.params
-        if stop_str is not None:
-            req.stop_reason = stop_str
-            return "stop"
-        n_out = req.num_output_tokens
-        if n_out >= p.min_tokens:
-            if token in p.stop_token_ids:
-                req.stop_reason = token
-                return "stop"
-            if not p.ignore_eos and token in self.eos_token_ids:
-                return "stop"
-        if n_out >= p.max_tokens or req.num_tokens >= self.max_model_len:
-            return "length"
-        return None
-
-    def _fail_step(self, out: SchedulerOutput, exc: Exception) -> None:
-        logger.error(
-            "model forward failed; failing the %d requests of this step: %r",
-            len(out.scheduled),
-            exc,
-        )
-        for e in out.scheduled:
-            h = self._handles.get(e.request.request_id)
-            self.scheduler.finish(e.request, "error")
-            if h is not None:
-                err = RequestFailedError(
-                    f"request {e.request.request_id} failed in the model: {exc!r}",
-                    e.request.request_id,
-                )
-                self._fail(h, err)
-
-    def _fail(self, h: _Handle, err: BaseException) -> None:
-        if h.done:
-            return
-        if not h.request.is_finished:
-            self.scheduler.finish(h.request, "error")
-        self._release(h, "errored", {})
-        h.sink(err)
-
-    def _release(
-        self, h: _Handle, outcome: str, timings: dict[str, float | None]
-    ) -> float:
-        """Forget a finished handle and record it; returns the request's cost."""
-        h.done = True
-        self._handles.pop(h.request.request_id, None)
-        req = h.request
-        prices = self.config.prices
-        cost = 0.0
-        if prices is not None:
-            cost = prices.cost(
-                prompt_tokens=req.num_prompt_tokens,
-                completion_tokens=req.num_output_tokens,
-                cached_prompt_tokens=req.num_cached_tokens,
-                compute_s=req.compute_s,
-            )
-        self._metrics.on_finish(
-            outcome,
-            req.num_prompt_tokens,
-            req.num_output_tokens,
-            req.num_cached_tokens,
-            timings,
-            tenant=req.tenant,
-            cost=cost,
-        )
-        if req.ticket is not None:
-            req.ticket.release(req.num_prompt_tokens + req.num_output_tokens, cost)
-        return cost
-
-    def _finalize(
-        self, h: _Handle, reason: str, last_token_ids: list[int] | None = None
-    ) -> None:
-        """Build the Completion, record metrics, deliver the last item.
-
-        ``last_token_ids``: tokens of this step not yet streamed (they ride on the
-        final delta).
-        """
-        if h.done:
-            return
-        req = h.request
-        req.finish_reason = reason
-        req.finish_time = time.monotonic()
-        t0 = h.submit_time
-        n_out = req.num_output_tokens
-        timings = Timings(
-            queued_s=None
-            if req.first_scheduled_time is None
-            else req.first_scheduled_time - t0,
-            ttft_s=None if req.first_token_time is None else req.first_token_time - t0,
-            e2e_s=req.finish_time - t0,
-            tpot_s=(req.finish_time - req.first_token_time) / (n_out - 1)
-            if req.first_token_time is not None and n_out > 1
-            else None,
-        )
-        comp = Completion(
-            request_id=req.request_id,
-            text=h.detok.text,
-            token_ids=req.output_token_ids,
-            finish_reason=reason,
-            prompt_token_ids=req.prompt_token_ids,
-            stop_reason=req.stop_reason,
-            usage=Usage(req.num_prompt_tokens, n_out, req.num_cached_tokens),
-            timings=timings,
-            logprobs=req.logprobs if req.params.logprobs is not None else None,
-            prompt_logprobs=req.prompt_logprobs
-            if req.params.prompt_logprobs is not None
-            else None,
-        )
-        if req.flags:
-            comp.flags.update(req.flags)
-        if req.params.logprobs is not None and req.logprobs:
-            comp.flags["confidence"] = logprob_signals(
-                req.logprobs, [lp.entropy for lp in req.logprobs]
-            )
-        if self.guards and reason != "abort":
-            try:
-                res = apply_guards(self.guards, comp.text, "output")
-            except GuardBlockedError as exc:
-                self._fail(h, exc)
-                return
-            comp.text = res.text
-            if res.flags:
-                comp.flags.setdefault("guards", {})["output"] = res.flags
-        outcome = "aborted" if reason == "abort" else "completed"
-        comp.usage.cost = self._release(
-            h,
-            outcome,
-            {
-                "queued": timings.queued_s,
-                "ttft": timings.ttft_s,
-                "tpot": timings.tpot_s,
-                "e2e": timings.e2e_s,
-            },
-        )
-        if self.answers is not None and reason in ("stop", "length"):
-            self.answers.store(req, comp)
-        if h.streaming:
-            text = h.detok.take_delta(final=True)
-            h.sink(Delta(req.request_id, text, last_token_ids or [], reason, comp))
-        else:
-            h.sink(comp)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -979,58 +607,7 @@ def _future_setter(
     return set_
 
 
-def _linear_backend(
-    config: EngineConfig, device: torch.device, dtype: torch.dtype
-) -> str:
-    try:
-        return resolve_linear_backend(config.linear_backend, device, dtype)
-    except ValueError as exc:
-        raise InvalidConfigError(str(exc), "linear_backend") from exc
-
-
-def _quantize(
-    model: torch.nn.Module,
-    method: str,
-    path: Path,
-    skip: tuple[str, ...],
-) -> str:
-    """Quantize once, reuse: the int8 weights are saved in the model cache and
-    reloaded (with their scales) by later loads instead of quantizing again."""
-    from llmprod.models.fingerprint import model_fingerprint
-    from llmprod.models.registry import cache_dir
-    from llmprod.quant import int8
-
-    device = next(model.parameters()).device
-    try:
-        resolved = int8.resolve_method(method, device)
-    except int8.Int8UnavailableError as exc:
-        raise InvalidConfigError(str(exc), "quantization") from exc
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    source = model_fingerprint(path, dtype, None)
-    # The two model paths hold the same weights under different module names.
-    impl = "" if getattr(model, "impl", "native") == "native" else "-generic"
-    if skip != int8.DEFAULT_SKIP:  # another set of int8 layers
-        impl += "-skip" + hashlib.sha256(repr(sorted(skip)).encode()).hexdigest()[:8]
-    saved = (
-        cache_dir()
-        / "quantized"
-        / f"{path.name}-{dtype}{impl}-{source[:16]}.safetensors"
-    )
-    if saved.exists():
-        try:
-            ran = int8.load_quantized(model, saved, method=resolved, source=source)
-            logger.info("int8 weights loaded from %s (%s)", saved, ran)
-            return str(ran)
-        except int8.QuantizedCheckpointError as exc:
-            logger.warning("ignoring the saved int8 weights %s: %s", saved, exc)
-    ran = int8.quantize_model(model, method=resolved, skip=skip)
-    saved.parent.mkdir(parents=True, exist_ok=True)
-    int8.save_quantized(model, saved, source=source)
-    logger.info("int8 (%s) quantized; saved to %s", ran, saved)
-    return str(ran)
-
-
-def _make_throttle(limits: Any, default: Any) -> Any:
+def _make_throttle(limits: Any, default: Any) -> Throttle | None:
     """A Throttle from ``{tenant: TenantLimits}`` (or use the one given)."""
     if limits is None and default is None:
         return None

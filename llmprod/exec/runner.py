@@ -13,17 +13,24 @@ from llmprod.config import CacheConfig, parse_bytes
 from llmprod.errors import InvalidConfigError
 from llmprod.exec.sampler import Sampler, SamplerOutput, make_logprob
 from llmprod.layers.attention.metadata import AttentionMetadata
+from llmprod.outputs import TokenLogprob
 from llmprod.layers.screened_head import ScreenedGreedyHead
 from llmprod.sched.scheduler import SchedulerOutput
 
 
 @dataclass(slots=True)
 class StepResult:
-    """Sampled tokens of the entries that sample, in scheduled order."""
+    """What one step produced. The runner writes nothing into the requests: the
+    engine's output phase applies this."""
 
     sampled: SamplerOutput
     sampled_entries: list[int] = field(default_factory=list)
     """Indices into ``SchedulerOutput.scheduled`` of the rows in ``sampled``."""
+    prompt_logprobs: list[tuple[int, list[TokenLogprob | None]]] = field(
+        default_factory=list
+    )
+    """(index into ``scheduled``, log-probabilities of the prompt tokens this
+    step's chunk predicts); the first chunk starts with None for token 0."""
 
 
 def zeroed_kv_caches(
@@ -166,9 +173,9 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
         cu = meta.cu_seqlens_q_host
         rows = [i for i, e in enumerate(out.scheduled) if e.samples]
-        self._prompt_logprobs(out, hidden, cu)
+        prompt_lps = self._prompt_logprobs(out, hidden, cu)
         if not rows:
-            return StepResult(SamplerOutput([], []), [])
+            return StepResult(SamplerOutput([], []), [], prompt_lps)
         last = torch.tensor([cu[i + 1] - 1 for i in rows], device=hidden.device)
         sampled_hidden = hidden[last]
         requests = [out.scheduled[i].request for i in rows]
@@ -180,31 +187,32 @@ class ModelRunner:
         ):
             token_ids = head.argmax(sampled_hidden)
             if token_ids is not None:
-                return StepResult(SamplerOutput(token_ids, [None] * len(rows)), rows)
+                return StepResult(
+                    SamplerOutput(token_ids, [None] * len(rows)), rows, prompt_lps
+                )
         logits = self.model.compute_logits(sampled_hidden)  # type: ignore[operator]
         sampled = self.sampler(logits, requests, self.eos_token_ids)
-        return StepResult(sampled, rows)
+        return StepResult(sampled, rows, prompt_lps)
 
     def _prompt_logprobs(
         self, out: SchedulerOutput, hidden: torch.Tensor, cu: list[int]
-    ) -> None:
-        """Log-probability of each prompt token given the ones before it."""
+    ) -> list[tuple[int, list[TokenLogprob | None]]]:
+        """Log-probability of each prompt token given the ones before it, for the
+        entries that asked and whose prompt logprobs are not complete yet."""
+        found: list[tuple[int, list[TokenLogprob | None]]] = []
         for i, e in enumerate(out.scheduled):
             r = e.request
             k = r.params.prompt_logprobs
             if k is None or r.prompt_logprobs_done:
                 continue
             num_prompt = r.num_prompt_tokens
-            if e.start == 0:
-                r.prompt_logprobs = [None]
+            lps: list[TokenLogprob | None] = [None] if e.start == 0 else []
             # Position p predicts prompt token p + 1.
             end = min(e.start + e.num_new_tokens, num_prompt - 1)
             if end > e.start:
                 h = hidden[cu[i] : cu[i] + (end - e.start)]
                 lp = torch.log_softmax(self.model.compute_logits(h), dim=-1)  # type: ignore[operator]
                 targets = r.prompt_token_ids[e.start + 1 : end + 1]
-                r.prompt_logprobs.extend(
-                    make_logprob(lp[j], t, k) for j, t in enumerate(targets)
-                )
-            if e.start + e.num_new_tokens >= num_prompt:
-                r.prompt_logprobs_done = True
+                lps.extend(make_logprob(lp[j], t, k) for j, t in enumerate(targets))
+            found.append((i, lps))
+        return found

@@ -127,16 +127,18 @@ class Sampler:
             probs = torch.zeros_like(probs).scatter_(1, order, sorted_p)
         noise = torch.empty_like(probs)
         for i, r in enumerate(requests):
-            gen = self.generator
-            if r.params.seed is not None:
-                if r.generator is None:
-                    r.generator = torch.Generator(device=logits.device)
-                    r.generator.manual_seed(r.params.seed)
-                gen = r.generator
+            gen = self.generator if r.generator is None else r.generator
             noise[i].exponential_(generator=gen)
         drawn = (probs / noise).argmax(dim=-1)
         greedy = torch.tensor([p.is_greedy for p in params], device=logits.device)
         return torch.where(greedy, logits.argmax(dim=-1), drawn)
+
+
+def seeded_generator(seed: int, device: torch.device) -> torch.Generator:
+    """The generator of a request with its own seed (set once, at admission)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
 
 
 def _penalized(r: Request) -> bool:

@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from llmprod.kv.block_pool import BlockPool, hash_block
 
 if TYPE_CHECKING:
     from llmprod.sched.request import Request
+
+
+@dataclass(frozen=True, slots=True)
+class KVStats:
+    """What the KV cache reports; the engine reads this, never the pool itself."""
+
+    num_blocks: int
+    block_size: int
+    usage: float
+    """Fraction of blocks held by running requests."""
+    num_free_blocks: int
+    num_cached_blocks: int
+    """Blocks that hold a registered prefix (in use or reusable)."""
+    num_evictions: int
+    num_touched_blocks: int
+    """Blocks ever handed out (their memory has been written at least once)."""
+    prefix_hit_rate: float
+    """Prompt tokens found in the prefix cache / prompt tokens looked up."""
+    is_whole: bool
+    """Every block is free and no reference is held."""
 
 
 class KVCacheManager:
@@ -28,6 +49,21 @@ class KVCacheManager:
         self.num_prefix_queries = 0
         self.num_prefix_hit_tokens = 0
         self.num_prefix_query_tokens = 0
+
+    def stats(self) -> KVStats:
+        pool = self.pool
+        queries = self.num_prefix_query_tokens
+        return KVStats(
+            num_blocks=pool.num_blocks,
+            block_size=self.block_size,
+            usage=pool.usage(),
+            num_free_blocks=pool.num_free_blocks,
+            num_cached_blocks=pool.num_cached_blocks,
+            num_evictions=pool.num_evictions,
+            num_touched_blocks=pool.num_touched_blocks,
+            prefix_hit_rate=self.num_prefix_hit_tokens / queries if queries else 0.0,
+            is_whole=pool.is_whole(),
+        )
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -69,7 +105,9 @@ class KVCacheManager:
         num_new_tokens: int,
         cached_blocks: list[int] | None = None,
     ) -> bool:
-        """Make room for ``num_new_tokens`` more tokens (after any cached prefix).
+        """Make room for ``num_new_tokens`` more tokens (after any cached prefix,
+        whose blocks join the request's table; the scheduler then counts their
+        tokens as computed).
 
         Returns False, changing nothing, when the pool lacks free blocks.
         """
@@ -84,7 +122,6 @@ class KVCacheManager:
         if cached:
             self.pool.touch(cached)
             request.block_ids.extend(cached)
-            request.num_computed_tokens = num_tokens
         if num_new_blocks > 0:
             request.block_ids.extend(self.pool.allocate(num_new_blocks))
         return True
@@ -104,8 +141,9 @@ class KVCacheManager:
         request.num_registered_blocks = max(request.num_registered_blocks, num_full)
 
     def free(self, request: Request) -> None:
-        """Return the request's blocks (tail first, so the tail is evicted first)."""
+        """Return the request's blocks (tail first, so the tail is evicted first).
+
+        The scheduler resets what it tracks (``num_computed_tokens``) itself."""
         self.pool.free(reversed(request.block_ids))
         request.block_ids = []
-        request.num_computed_tokens = 0
         request.num_registered_blocks = 0

@@ -2,7 +2,12 @@
 
 from llmprod.sched.fair_queue import FairQueue
 from llmprod.sched.request import Request, RequestStatus
-from llmprod.sched.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from llmprod.sched.scheduler import (
+    ScheduledRequest,
+    Scheduler,
+    SchedulerOutput,
+    SchedulerStats,
+)
 
 __all__ = [
     "FairQueue",
@@ -11,4 +16,5 @@ __all__ = [
     "ScheduledRequest",
     "Scheduler",
     "SchedulerOutput",
+    "SchedulerStats",
 ]

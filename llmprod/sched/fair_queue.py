@@ -12,12 +12,9 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
-
+from llmprod.ops.checks import is_number
 
 T = TypeVar("T")
 
@@ -84,7 +81,7 @@ class FairQueue(Generic[T]):
         for tenant, w in (weights or {}).items():
             self._inv_weights[tenant] = _inverse_weight(f"weights[{tenant!r}]", w)
         self._default_inv = _inverse_weight("default_weight", default_weight)
-        if max_wait_s is not None and not (_is_number(max_wait_s) and max_wait_s >= 0):
+        if max_wait_s is not None and not (is_number(max_wait_s) and max_wait_s >= 0):
             raise ValueError(f"max_wait_s={max_wait_s!r} must be a number >= 0")
         self.max_wait_s = max_wait_s
         self._key = key
@@ -293,7 +290,7 @@ class FairQueue(Generic[T]):
         return self._clock() if value is None else float(value)
 
 
-def _inverse_weight(name: str, weight: Any) -> Fraction:
-    if not (_is_number(weight) and 0 < weight < math.inf):
+def _inverse_weight(name: str, weight: object) -> Fraction:
+    if not (is_number(weight) and 0 < weight < math.inf):
         raise ValueError(f"{name}={weight!r} must be a finite number > 0")
     return 1 / Fraction(weight)

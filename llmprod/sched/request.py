@@ -22,6 +22,15 @@ class Request:
 
     ``token_ids`` holds the prompt followed by the generated tokens;
     ``num_computed_tokens`` of them have their KV in the cache.
+
+    One writer per phase: admission fills the fields given at construction and
+    ``generator``/``ticket``/``flags``; the scheduler the scheduling state
+    (``status``, ``num_computed_tokens``, ``num_cached_tokens``,
+    ``first_scheduled_time``, ``num_preemptions``, ``finish_reason`` when it ends
+    a request); the KV manager the block state (``block_ids``, ``block_hashes``,
+    ``num_registered_blocks``); the engine's output phase the outputs
+    (``token_ids`` past the prompt, ``logprobs``, ``prompt_logprobs``,
+    ``stop_reason``, times, ``compute_s``). The runner and sampler only read.
     """
 
     request_id: str
@@ -52,7 +61,8 @@ class Request:
     seen_token_ids: set[int] | None = None
     """Tokens in prompt and output, kept only for the repetition penalty."""
     generator: Any = None
-    """The request's own torch.Generator when it has a seed."""
+    """The request's own torch.Generator when it has a seed (set at admission;
+    the sampler only draws from it)."""
     text: str | None = None
     """The prompt text (or a chat's last user message), for the semantic cache."""
     context: str | None = None

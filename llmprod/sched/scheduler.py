@@ -55,6 +55,19 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+@dataclass(frozen=True, slots=True)
+class SchedulerStats:
+    """What the scheduler reports; the engine reads this, never its queues."""
+
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    num_allocated_tokens: int
+    """KV slots held by running requests (blocks x block size)."""
+    num_computed_tokens: int
+    """Of those, the slots whose KV is written."""
+
+
 def group_by_length(
     lengths: list[int], max_ratio: float = 1.25
 ) -> list[tuple[int, int]]:
@@ -109,6 +122,17 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def stats(self) -> SchedulerStats:
+        running = self.running
+        return SchedulerStats(
+            num_running=len(running),
+            num_waiting=len(self.waiting),
+            num_preemptions=self.num_preemptions,
+            num_allocated_tokens=sum(len(r.block_ids) for r in running)
+            * self.kv.block_size,
+            num_computed_tokens=sum(r.num_computed_tokens for r in running),
+        )
+
     def abort(self, request: Request) -> bool:
         """Remove a request wherever it is and free its blocks. False if unknown."""
         if request in self.running:
@@ -130,6 +154,7 @@ class Scheduler:
 
     def _finish(self, request: Request, reason: str) -> None:
         self.kv.free(request)
+        request.num_computed_tokens = 0
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
 
@@ -190,6 +215,7 @@ class Scheduler:
             if not self.kv.allocate_slots(req, n, cached):
                 break
             self.waiting.popleft()
+            req.num_computed_tokens += len(cached) * self.kv.block_size
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             if first_time:
@@ -226,6 +252,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.kv.free(req)
+        req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1

@@ -1,0 +1,189 @@
+"""Admission: what happens to a prompt in the caller's thread, before the model.
+
+validate -> prompt guards -> tokenize and check lengths -> tenant limits, one
+prompt at a time; a batch is admitted whole or not at all (a refused prompt gives
+back the limits its earlier prompts took). The answer-cache lookup comes last,
+at submit (:meth:`Admission.lookup`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from llmprod.answers.caches import conversation_text
+from llmprod.config import EngineConfig
+from llmprod.engine import inputs
+from llmprod.engine.inputs import Message, Prompt
+from llmprod.errors import (
+    EngineClosedError,
+    InvalidRequestError,
+    LLMProdError,
+    RateLimited,
+)
+from llmprod.exec.sampler import seeded_generator
+from llmprod.ops.guards import apply_guards
+from llmprod.outputs import Completion
+from llmprod.sampling_params import SamplingParams
+from llmprod.sched.request import Request
+
+if TYPE_CHECKING:
+    from llmprod.answers.caches import AnswerCaches
+    from llmprod.ops.limits import Throttle
+
+
+class Admission:
+    """Turns prompts into admitted :class:`Request` objects, or raises.
+
+    Args:
+        config: the engine's config (guards, prices).
+        tokenizer: the model's tokenizer.
+        model_name: for error messages.
+        vocab_size, max_model_len: limits a prompt is checked against.
+        num_blocks, block_size: the KV pool a request must fit.
+        device: where seeded requests' generators live.
+        throttle: tenant limits, or None.
+        answers: the answer caches, or None.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        tokenizer: Any,
+        model_name: str,
+        vocab_size: int,
+        max_model_len: int,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        throttle: Throttle | None,
+        answers: AnswerCaches | None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.device = device
+        self.guards = list(config.guards or [])
+        self.prices = config.prices
+        self.throttle = throttle
+        self.answers = answers
+        self.is_closed = False
+        """Set by the engine when it closes: new prompts are refused."""
+        self._ids = itertools.count()
+        self._id_prefix = uuid.uuid4().hex[:8]
+
+    def admit_batch(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None,
+        tenant: str,
+        return_exceptions: bool,
+        wait_timeout: float | None = None,
+    ) -> list[Request | LLMProdError]:
+        """Admit a batch: bad input raises here, naming its index, unless
+        ``return_exceptions`` keeps the error in its place."""
+        batch = inputs.as_prompt_list(prompts)
+        plist = inputs.params_list(params, len(batch))
+        out: list[Request | LLMProdError] = []
+        for i, (p, sp) in enumerate(zip(batch, plist)):
+            try:
+                out.append(self.admit(p, sp, tenant, wait_timeout))
+            except (InvalidRequestError, RateLimited) as exc:
+                if return_exceptions:
+                    out.append(exc)
+                    continue
+                for r in out:  # nothing of this batch runs: give the slots back
+                    if isinstance(r, Request) and r.ticket is not None:
+                        r.ticket.release(0, 0.0)
+                if len(batch) > 1 and isinstance(exc, InvalidRequestError):
+                    raise type(exc)(f"prompts[{i}]: {exc}", exc.field) from exc
+                raise
+        return out
+
+    def admit(
+        self,
+        prompt: Prompt | Sequence[Message],
+        params: SamplingParams,
+        tenant: str,
+        wait_timeout: float | None = None,
+    ) -> Request:
+        """Validate, guard, tokenize and admit one prompt or conversation."""
+        if self.is_closed:
+            raise EngineClosedError("the engine is closed")
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(
+                f"params must be SamplingParams, got {type(params).__name__}", "params"
+            )
+        text = context = None
+        flags: dict[str, Any] = {}
+        if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
+            messages: list[Message] = list(prompt)  # type: ignore[arg-type]
+            inputs.check_messages(messages)
+            if self.guards:
+                messages, flags = self._guard_messages(messages)
+            ids = self.render_chat(messages)
+            text, context = conversation_text(messages)  # type: ignore[arg-type]
+        else:
+            ids = inputs.prompt_token_ids(prompt, self.tokenizer, self.vocab_size)  # type: ignore[arg-type]
+            text = prompt if isinstance(prompt, str) else None
+            if self.guards:
+                seen = text if text is not None else self.tokenizer.decode(ids)
+                res = apply_guards(self.guards, seen, "prompt")
+                flags = res.flags
+                if res.text != seen:  # redacted: the model sees the redacted text
+                    text = res.text
+                    ids = list(self.tokenizer.encode(text))
+        inputs.check_lengths(
+            len(ids), params, self.max_model_len, self.num_blocks, self.block_size
+        )
+        rid = f"req-{self._id_prefix}-{next(self._ids)}"
+        req = Request(rid, ids, params, tenant=tenant, text=text, context=context)
+        if params.seed is not None:
+            req.generator = seeded_generator(params.seed, self.device)
+        if flags:
+            req.flags["guards"] = {"prompt": flags}
+        if self.throttle is not None:
+            prices = self.prices
+            estimate = prices.cost(len(ids), params.max_tokens) if prices else 0.0
+            req.ticket = self.throttle.admit(
+                tenant, len(ids) + params.max_tokens, wait_timeout,
+                estimated_cost=estimate,
+            )  # fmt: skip
+        return req
+
+    def lookup(self, req: Request) -> Completion | None:
+        """The cached answer to an admitted request, if an answer cache has one."""
+        return self.answers.lookup(req) if self.answers is not None else None
+
+    def render_chat(self, messages: Sequence[Message]) -> list[int]:
+        """Token ids of a conversation rendered with the chat template."""
+        inputs.check_messages(messages)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError(
+                f"model {self.model_name!r} has no chat template; use generate()",
+                "messages",
+            )
+        text = self.tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=False
+        )
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _guard_messages(
+        self, messages: list[Message]
+    ) -> tuple[list[Message], dict[str, Any]]:
+        """Run the prompt guards over each message's content."""
+        out: list[Message] = []
+        flags: dict[str, Any] = {}
+        for i, m in enumerate(messages):
+            res = apply_guards(self.guards, m["content"], "prompt")
+            out.append({**m, "content": res.text})
+            if res.flags:
+                flags[f"messages[{i}]"] = res.flags
+        return out, flags

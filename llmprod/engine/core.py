@@ -1,0 +1,232 @@
+"""The step loop: one thread owns the scheduler, the KV cache and the model.
+
+Callers hand requests in through an inbox (:meth:`EngineCore.submit`,
+:meth:`EngineCore.abort`); the loop takes them in between steps, runs
+``step()`` (schedule -> execute -> update -> process) while there is work, and
+sleeps when there is none. Every request ends exactly once, through
+:meth:`EngineCore._end` or :meth:`EngineCore._fail`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Literal
+
+import torch
+
+from llmprod.engine.output import Handle, OutputProcessor
+from llmprod.errors import RequestFailedError
+from llmprod.exec.runner import ModelRunner, StepResult
+from llmprod.exec.threads import run_on_compute_thread
+from llmprod.kv.manager import KVCacheManager
+from llmprod.ops.metrics import MetricsRecorder
+from llmprod.sched.scheduler import Scheduler, SchedulerOutput
+
+logger = logging.getLogger("llmprod")
+
+_Message = (
+    tuple[Literal["add"], Handle]
+    | tuple[Literal["abort"], str]
+    | tuple[Literal["close"], None]
+)
+
+
+class EngineCore:
+    """Runs the steps on its own thread.
+
+    Args:
+        scheduler, kv, runner: the step's three parts.
+        output: turns step results into what callers receive.
+        metrics: per-step counters.
+        num_threads: torch threads for this engine's steps on CPU (None: leave).
+    """
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        kv: KVCacheManager,
+        runner: ModelRunner,
+        output: OutputProcessor,
+        metrics: MetricsRecorder,
+        num_threads: int | None,
+    ) -> None:
+        self.scheduler = scheduler
+        self.kv = kv
+        self.runner = runner
+        self.output = output
+        self.metrics = metrics
+        self.num_threads = num_threads
+        self.handles: dict[str, Handle] = {}
+        """Requests in the loop, by id (only the loop thread touches it)."""
+        self._inbox: queue.SimpleQueue[_Message] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._thread = threading.Thread(
+            target=self._loop, name="llmprod-engine", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # ------------------------------------------------------------------ the inbox
+    def submit(self, h: Handle) -> None:
+        self._inbox.put(("add", h))
+        self._wakeup.set()
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wakeup.set()
+
+    def shutdown(self) -> None:
+        """Abort what is in flight and stop the loop (waits for it)."""
+        self._inbox.put(("close", None))
+        self._wakeup.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def is_idle(self) -> bool:
+        """No request is held: none in the loop, none waiting in the inbox."""
+        return (
+            not self.handles and self._inbox.empty() and not self.scheduler.has_work()
+        )
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        while True:
+            self._wakeup.clear()
+            if not self._drain_inbox():
+                self._abort_all()
+                return
+            if not self.scheduler.has_work():
+                self._wakeup.wait()
+                continue
+            try:
+                self.step()
+            except Exception:
+                logger.exception("engine step failed outside the model")
+                for h in list(self.handles.values()):
+                    self._fail(h, RequestFailedError("engine step failed; see the log"))
+
+    def _drain_inbox(self) -> bool:
+        """Take new requests and aborts. False when shutdown was asked."""
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+            if msg[0] == "add":
+                h = msg[1]
+                self.handles[h.request.request_id] = h
+                self.scheduler.add(h.request)
+            elif msg[0] == "abort":
+                found = self.handles.get(msg[1])
+                if found is not None and not found.done:
+                    self.scheduler.abort(found.request)
+                    self._end(found, "abort")
+            else:
+                return False
+
+    def _abort_all(self) -> None:
+        for h in list(self.handles.values()):
+            if not h.done:
+                self.scheduler.abort(h.request)
+                self._end(h, "abort")
+        while True:  # requests that raced with shutdown
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if msg[0] == "add":
+                self.output.finalize(msg[1], "abort")
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> None:
+        """One engine step: schedule, run the model, process the outputs."""
+        out = self.scheduler.schedule()
+        for req in out.finished:  # the pool cannot hold them any longer
+            self._end(self.handles[req.request_id], req.finish_reason or "length")
+        if out.is_empty:
+            return
+        t0 = time.perf_counter()
+        try:
+            result = self._execute(out)
+        except Exception as exc:
+            self._fail_step(out, exc)
+            return
+        self.scheduler.update(out)
+        self._account(out, time.perf_counter() - t0)
+        self._process(out, result)
+
+    def _execute(self, out: SchedulerOutput) -> StepResult:
+        if self.runner.device.type != "cpu":
+            return self.runner.execute(out)
+        return run_on_compute_thread(self._execute_cpu, out)  # one OpenMP team
+
+    def _execute_cpu(self, out: SchedulerOutput) -> StepResult:
+        """The model step, on the compute thread shared by all engines: with
+        this engine's thread count, which another engine may have changed."""
+        n = self.num_threads
+        if n is not None and torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+        return self.runner.execute(out)
+
+    def _account(self, out: SchedulerOutput, elapsed: float) -> None:
+        """Share the step's model time by tokens; record padding and KV use."""
+        per_token = elapsed / max(out.num_batched_tokens, 1)
+        for e in out.scheduled:
+            e.request.compute_s += per_token * e.num_new_tokens
+        s = self.scheduler.stats()
+        allocated = s.num_allocated_tokens
+        self.metrics.on_step(
+            out.padded_elements,
+            out.processed_elements,
+            self.kv.stats().usage,
+            (allocated - s.num_computed_tokens) / allocated if allocated else 0.0,
+        )
+
+    def _process(self, out: SchedulerOutput, result: StepResult) -> None:
+        for idx, lps in result.prompt_logprobs:
+            self.output.add_prompt_logprobs(out.scheduled[idx].request, lps)
+        now = time.monotonic()
+        sampled = result.sampled
+        for row, idx in enumerate(result.sampled_entries):
+            req = out.scheduled[idx].request
+            h = self.handles[req.request_id]
+            token = sampled.token_ids[row]
+            reason = self.output.add_token(h, token, sampled.logprobs[row], now)
+            if reason is not None:
+                self.scheduler.finish(req, reason)
+                self._end(h, reason, last_token_ids=[token])
+
+    # ------------------------------------------------------------------ endings
+    def _end(
+        self, h: Handle, reason: str, last_token_ids: list[int] | None = None
+    ) -> None:
+        self.handles.pop(h.request.request_id, None)
+        self.output.finalize(h, reason, last_token_ids)
+
+    def _fail(self, h: Handle, err: BaseException) -> None:
+        if h.done:
+            return
+        if not h.request.is_finished:
+            self.scheduler.finish(h.request, "error")
+        self.handles.pop(h.request.request_id, None)
+        self.output.fail(h, err)
+
+    def _fail_step(self, out: SchedulerOutput, exc: Exception) -> None:
+        logger.error(
+            "model forward failed; failing the %d requests of this step: %r",
+            len(out.scheduled),
+            exc,
+        )
+        for e in out.scheduled:
+            h = self.handles.get(e.request.request_id)
+            self.scheduler.finish(e.request, "error")
+            if h is not None:
+                err = RequestFailedError(
+                    f"request {e.request.request_id} failed in the model: {exc!r}",
+                    e.request.request_id,
+                )
+                self._fail(h, err)

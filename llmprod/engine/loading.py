@@ -1,0 +1,123 @@
+"""From a model name to the parts an Engine is built from.
+
+``load_model`` resolves a registered name, folder or GGUF file, builds the model
+(native or generic path), loads or applies int8 weights, and loads the tokenizer.
+Int8 is quantize-once: the quantized weights are saved in the model cache and
+reloaded (with their scales) by later loads instead of quantizing again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmprod.config import EngineConfig
+from llmprod.errors import InvalidConfigError
+from llmprod.layers.linear import resolve_linear_backend
+from llmprod.models.loader import build_model, load_config, pick_dtype
+from llmprod.models.registry import resolve_model
+
+logger = logging.getLogger("llmprod")
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    """A model ready to serve, and where its weights came from."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    """A transformers tokenizer (``PreTrainedTokenizerBase``)."""
+    hf_config: Any
+    """The transformers ``PretrainedConfig`` of the model."""
+    path: Path
+    """The local transformers folder (after any fetch and conversion)."""
+    quantization: str | None
+    """The int8 method that runs, or None."""
+    quantization_source: str | None
+    """"quantized-at-load" (llmprod quantized, or reloaded its own saved copy) or
+    "bitsandbytes-checkpoint"; None without quantization."""
+
+
+def load_model(
+    model: str | Path, config: EngineConfig, device: torch.device
+) -> LoadedModel:
+    """Resolve, build and (maybe) quantize a model; load its tokenizer."""
+    from transformers import AutoTokenizer
+
+    from llmprod import quant
+
+    path = resolve_model(model)
+    hf_config = load_config(path)
+    dtype = pick_dtype(config.dtype, device)
+    linear_backend(config, device, dtype)  # fail before loading the weights
+    quantization: str | None = None
+    source: str | None = None
+    if quant.is_bnb_int8_checkpoint(hf_config):
+        nn_model, quantization = quant.load_bnb_int8_model(
+            hf_config, path, dtype, device, config.quantization
+        )
+        source = quant.BNB_CHECKPOINT_SOURCE
+    else:
+        nn_model = build_model(hf_config, path, dtype, device, config.model_impl)
+        if config.quantization is not None:
+            quantization = quantize_once(
+                nn_model, config.quantization, path, config.quantization_skip
+            )
+            source = "quantized-at-load"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(nn_model, tokenizer, hf_config, path, quantization, source)
+
+
+def linear_backend(
+    config: EngineConfig, device: torch.device, dtype: torch.dtype
+) -> str:
+    """ "onednn" or "torch": who computes the float32 linear layers."""
+    try:
+        return resolve_linear_backend(config.linear_backend, device, dtype)
+    except ValueError as exc:
+        raise InvalidConfigError(str(exc), "linear_backend") from exc
+
+
+def quantize_once(
+    model: torch.nn.Module, method: str, path: Path, skip: tuple[str, ...]
+) -> str:
+    """Quantize ``model`` in place, or reload the int8 weights an earlier load
+    saved for the same weights, dtype, model path and skip list. Returns the
+    method that runs."""
+    from llmprod import quant
+    from llmprod.models.fingerprint import model_fingerprint
+    from llmprod.models.registry import cache_dir
+
+    device = next(model.parameters()).device
+    try:
+        resolved = quant.resolve_method(method, device)
+    except quant.Int8UnavailableError as exc:
+        raise InvalidConfigError(str(exc), "quantization") from exc
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    source = model_fingerprint(path, dtype, None)
+    # The two model paths hold the same weights under different module names.
+    impl = "" if getattr(model, "impl", "native") == "native" else "-generic"
+    if skip != quant.DEFAULT_SKIP:  # another set of int8 layers
+        impl += "-skip" + hashlib.sha256(repr(sorted(skip)).encode()).hexdigest()[:8]
+    saved = (
+        cache_dir()
+        / "quantized"
+        / f"{path.name}-{dtype}{impl}-{source[:16]}.safetensors"
+    )
+    if saved.exists():
+        try:
+            ran = quant.load_quantized(model, saved, method=resolved, source=source)
+            logger.info("int8 weights loaded from %s (%s)", saved, ran)
+            return str(ran)
+        except quant.QuantizedCheckpointError as exc:
+            logger.warning("ignoring the saved int8 weights %s: %s", saved, exc)
+    ran = quant.quantize_model(model, method=resolved, skip=skip)
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    quant.save_quantized(model, saved, source=source)
+    logger.info("int8 (%s) quantized; saved to %s", ran, saved)
+    return str(ran)

@@ -1,0 +1,259 @@
+"""Output processing: from sampled tokens to what the caller receives.
+
+Per token: append it, detokenize, check stops, stream a :class:`Delta`. Per
+finished request: build the :class:`Completion` (timings, usage, signals), run the
+output guards, price it, record metrics, release its tenant ticket, store it in
+the answer caches, and hand it to the caller's sink.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from llmprod.config import EngineConfig
+from llmprod.engine.detokenizer import IncrementalDetokenizer
+from llmprod.errors import GuardBlockedError
+from llmprod.ops.guards import apply_guards
+from llmprod.ops.metrics import MetricsRecorder
+from llmprod.ops.signals import logprob_signals
+from llmprod.outputs import Completion, Delta, Timings, TokenLogprob, Usage
+from llmprod.sched.request import Request
+
+if TYPE_CHECKING:
+    from llmprod.answers.caches import AnswerCaches
+
+Sink = Callable[[Any], None]
+"""Receives Delta objects (streaming), the final Completion, or an exception."""
+
+
+@dataclass(slots=True, eq=False)
+class Handle:
+    """A submitted request and where its results go."""
+
+    request: Request
+    detok: IncrementalDetokenizer
+    sink: Sink
+    streaming: bool
+    submit_time: float = field(default_factory=time.monotonic)
+    done: bool = False
+    """Set once the caller got its last item (completion, final delta or error)."""
+
+
+class OutputProcessor:
+    """Writes a request's outputs and delivers them.
+
+    Args:
+        config: the engine's config (guards, prices).
+        tokenizer: for incremental detokenization.
+        eos_token_ids, max_model_len: when a sequence must end.
+        metrics: where finished requests are recorded.
+        answers: the answer caches finished requests are stored in, or None.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        tokenizer: Any,
+        eos_token_ids: tuple[int, ...],
+        max_model_len: int,
+        metrics: MetricsRecorder,
+        answers: AnswerCaches | None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+        self.guards = list(config.guards or [])
+        self.prices = config.prices
+        self.metrics = metrics
+        self.answers = answers
+
+    def make_handle(self, req: Request, sink: Sink, streaming: bool) -> Handle:
+        p = req.params
+        detok = IncrementalDetokenizer(
+            self.tokenizer, p.stop, p.include_stop_str_in_output, p.skip_special_tokens
+        )
+        return Handle(req, detok, sink, streaming)
+
+    # ------------------------------------------------------------------ per token
+    def add_prompt_logprobs(
+        self, req: Request, logprobs: list[TokenLogprob | None]
+    ) -> None:
+        """Append a step's prompt log-probabilities (the first chunk's start
+        with None, for the first prompt token)."""
+        if logprobs and logprobs[0] is None:
+            req.prompt_logprobs = list(logprobs)
+        else:
+            req.prompt_logprobs.extend(logprobs)
+        if len(req.prompt_logprobs) >= req.num_prompt_tokens:
+            req.prompt_logprobs_done = True
+
+    def add_token(
+        self, h: Handle, token: int, logprob: TokenLogprob | None, now: float
+    ) -> str | None:
+        """Append one sampled token; stream it unless the request ends here.
+
+        Returns the finish reason ("stop", "length") or None to go on.
+        """
+        req = h.request
+        req.append_token(token)
+        if req.first_token_time is None:
+            req.first_token_time = now
+        if logprob is not None:
+            req.logprobs.append(logprob)
+        stop_str = h.detok.add(token)
+        reason = self._check_stop(req, token, stop_str)
+        if reason is None and h.streaming:
+            h.sink(Delta(req.request_id, h.detok.take_delta(final=False), [token]))
+        return reason
+
+    def _check_stop(self, req: Request, token: int, stop_str: str | None) -> str | None:
+        p = req.params
+        if stop_str is not None:
+            req.stop_reason = stop_str
+            return "stop"
+        n_out = req.num_output_tokens
+        if n_out >= p.min_tokens:
+            if token in p.stop_token_ids:
+                req.stop_reason = token
+                return "stop"
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return "stop"
+        if n_out >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    # ------------------------------------------------------------------ the end
+    def finalize(
+        self, h: Handle, reason: str, last_token_ids: list[int] | None = None
+    ) -> None:
+        """Build the Completion, record it, deliver the last item.
+
+        ``last_token_ids``: tokens of this step not yet streamed (they ride on the
+        final delta).
+        """
+        if h.done:
+            return
+        req = h.request
+        req.finish_reason = reason
+        req.finish_time = time.monotonic()
+        comp = self._completion(h, reason)
+        if self.guards and reason != "abort":
+            try:
+                res = apply_guards(self.guards, comp.text, "output")
+            except GuardBlockedError as exc:
+                self.fail(h, exc)
+                return
+            comp.text = res.text
+            if res.flags:
+                comp.flags.setdefault("guards", {})["output"] = res.flags
+        outcome = "aborted" if reason == "abort" else "completed"
+        t = comp.timings
+        comp.usage.cost = self._release(
+            h,
+            outcome,
+            {"queued": t.queued_s, "ttft": t.ttft_s, "tpot": t.tpot_s, "e2e": t.e2e_s},
+        )
+        if self.answers is not None and reason in ("stop", "length"):
+            self.answers.store(req, comp)
+        if h.streaming:
+            text = h.detok.take_delta(final=True)
+            h.sink(Delta(req.request_id, text, last_token_ids or [], reason, comp))
+        else:
+            h.sink(comp)
+
+    def fail(self, h: Handle, err: BaseException) -> None:
+        """Deliver an error as the request's last item."""
+        if h.done:
+            return
+        self._release(h, "errored", {})
+        h.sink(err)
+
+    def deliver_cached(self, h: Handle, comp: Completion) -> None:
+        """Deliver an answer from the answer caches (the model never ran)."""
+        h.done = True
+        req = h.request
+        if req.ticket is not None:
+            req.ticket.release(0, 0.0)
+        self.metrics.on_finish(
+            "completed",
+            comp.usage.prompt_tokens,
+            comp.usage.completion_tokens,
+            comp.usage.cached_prompt_tokens,
+            {"queued": 0.0, "ttft": comp.timings.ttft_s, "e2e": comp.timings.e2e_s},
+            tenant=req.tenant,
+            cost=0.0,
+            cache_tier=comp.cache_hit,
+        )
+        if h.streaming:
+            h.sink(Delta(req.request_id, comp.text, list(comp.token_ids),
+                         comp.finish_reason, comp))  # fmt: skip
+        else:
+            h.sink(comp)
+
+    def _completion(self, h: Handle, reason: str) -> Completion:
+        req = h.request
+        t0 = h.submit_time
+        n_out = req.num_output_tokens
+        end = req.finish_time if req.finish_time is not None else time.monotonic()
+        first = req.first_token_time
+        timings = Timings(
+            queued_s=None
+            if req.first_scheduled_time is None
+            else req.first_scheduled_time - t0,
+            ttft_s=None if first is None else first - t0,
+            e2e_s=end - t0,
+            tpot_s=(end - first) / (n_out - 1)
+            if first is not None and n_out > 1
+            else None,
+        )
+        comp = Completion(
+            request_id=req.request_id,
+            text=h.detok.text,
+            token_ids=req.output_token_ids,
+            finish_reason=reason,
+            prompt_token_ids=req.prompt_token_ids,
+            stop_reason=req.stop_reason,
+            usage=Usage(req.num_prompt_tokens, n_out, req.num_cached_tokens),
+            timings=timings,
+            logprobs=req.logprobs if req.params.logprobs is not None else None,
+            prompt_logprobs=req.prompt_logprobs
+            if req.params.prompt_logprobs is not None
+            else None,
+        )
+        if req.flags:
+            comp.flags.update(req.flags)
+        if req.params.logprobs is not None and req.logprobs:
+            comp.flags["confidence"] = logprob_signals(
+                req.logprobs, [lp.entropy for lp in req.logprobs]
+            )
+        return comp
+
+    def _release(
+        self, h: Handle, outcome: str, timings: dict[str, float | None]
+    ) -> float:
+        """Record a finished request and release its ticket; returns its cost."""
+        h.done = True
+        req = h.request
+        cost = 0.0
+        if self.prices is not None:
+            cost = self.prices.cost(
+                prompt_tokens=req.num_prompt_tokens,
+                completion_tokens=req.num_output_tokens,
+                cached_prompt_tokens=req.num_cached_tokens,
+                compute_s=req.compute_s,
+            )
+        self.metrics.on_finish(
+            outcome,
+            req.num_prompt_tokens,
+            req.num_output_tokens,
+            req.num_cached_tokens,
+            timings,
+            tenant=req.tenant,
+            cost=cost,
+        )
+        if req.ticket is not None:
+            req.ticket.release(req.num_prompt_tokens + req.num_output_tokens, cost)
+        return cost
