@@ -13,8 +13,8 @@ from llmprod.config import CacheConfig, parse_bytes
 from llmprod.errors import InvalidConfigError
 from llmprod.exec.sampler import Sampler, SamplerOutput, make_logprob
 from llmprod.layers.attention.metadata import AttentionMetadata
-from llmprod.outputs import TokenLogprob
 from llmprod.layers.screened_head import ScreenedGreedyHead
+from llmprod.outputs import TokenLogprob
 from llmprod.sched.scheduler import SchedulerOutput
 
 
