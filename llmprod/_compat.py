@@ -80,6 +80,8 @@ _FINDER = _MovedModuleFinder()
 
 
 def install() -> None:
-    """Put the finder on ``sys.meta_path`` (once)."""
+    """Put the finder first on ``sys.meta_path`` (once): an old submodule path
+    such as ``llmprod.attention.metadata`` would otherwise be found again by the
+    path finder under the new package's ``__path__``, as a second copy."""
     if _FINDER not in sys.meta_path:
-        sys.meta_path.append(_FINDER)
+        sys.meta_path.insert(0, _FINDER)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-import llmprod.engine.engine
+import llmprod.engine.loading
 from llmprod import SamplingParams
 from llmprod.exec.threads import (
     compute_thread,
@@ -42,13 +42,13 @@ def test_from_pretrained_loads_off_the_calling_thread(
 ) -> None:
     # A spy around the real loader: where it runs, not what it does.
     threads: list[threading.Thread] = []
-    real = llmprod.engine.engine.build_model
+    real = llmprod.engine.loading.build_model
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         threads.append(threading.current_thread())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(llmprod.engine.engine, "build_model", spy)
+    monkeypatch.setattr(llmprod.engine.loading, "build_model", spy)
     eng = make_engine()
     assert threads and threads[0] is not threading.current_thread()
     out = eng.generate("Hi", SamplingParams(max_tokens=2, temperature=0))

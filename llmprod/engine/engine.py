@@ -23,25 +23,21 @@ import torch
 
 from llmprod.answers.caches import AnswerCaches
 from llmprod.config import EngineConfig
-from llmprod.engine import inputs
+from llmprod.engine import inputs, report
 from llmprod.engine.admission import Admission
 from llmprod.engine.core import EngineCore
 from llmprod.engine.inputs import Message, Prompt
-from llmprod.engine.loading import linear_backend, load_model
+from llmprod.engine.loading import load_model, speed_up
 from llmprod.engine.output import Handle, OutputProcessor
-from llmprod.errors import EngineClosedError, InvalidConfigError
+from llmprod.errors import EngineClosedError
 from llmprod.exec.runner import ModelRunner
 from llmprod.exec.threads import run_in_own_thread
 from llmprod.kv.manager import KVCacheManager
 from llmprod.layers.attention import get_attention_backend
-from llmprod.layers.linear import pack_onednn_linears, use_onednn_linears
-from llmprod.layers.screened_head import screened_head_for
 from llmprod.models.loader import eos_token_ids, max_model_len, pick_device
 from llmprod.ops.metrics import (
     MetricsRecorder,
     MetricsSnapshot,
-    peak_rss_bytes,
-    process_rss_bytes,
 )
 from llmprod.outputs import Completion, Delta
 from llmprod.sampling_params import SamplingParams
@@ -82,23 +78,12 @@ class Engine:
         self.dtype = next(model.parameters()).dtype
         self.model_impl: str = getattr(model, "impl", "native")
         """"native" (llmprod's own model code) or "generic" (transformers')."""
-        self.linear_backend = linear_backend(config, self.device, self.dtype)
+        fast = speed_up(model, config, self.device, self.dtype)
+        self.linear_backend = fast.linear_backend
         """"onednn" or "torch": who computes the float32 linear layers."""
-        self.packed_linears = 0
+        self.packed_linears = fast.packed_linears
         """Linear layers whose weights oneDNN holds in its blocked layout."""
-        if self.linear_backend == "onednn":
-            use_onednn_linears(model)
-            # Not lm_head: screening and a tied embedding read its weight.
-            self.packed_linears = pack_onednn_linears(
-                model,
-                exclude=(model.lm_head,),  # type: ignore[arg-type]
-            )
-        try:
-            self.greedy_head = screened_head_for(
-                model, config.greedy_screening, self.device
-            )
-        except ValueError as exc:
-            raise InvalidConfigError(str(exc), "greedy_screening") from exc
+        self.greedy_head = fast.greedy_head
         """Picks the tokens of small all-greedy steps without the full lm_head
         product (``llmprod.layers.screened_head``); None where it is off."""
         self.vocab_size = int(hf_config.vocab_size)
@@ -107,10 +92,10 @@ class Engine:
         cc = config.cache_config
         self.backend = get_attention_backend(config.attention_backend, self.device)
         self.block_size: int = cc.block_size or self.backend.default_block_size
-        self._kv_block_bytes = ModelRunner.bytes_per_block(
+        self.kv_block_bytes = ModelRunner.bytes_per_block(
             model, self.block_size, self.dtype
         )
-        self.num_blocks = ModelRunner.num_blocks_for(cc, self._kv_block_bytes)
+        self.num_blocks = ModelRunner.num_blocks_for(cc, self.kv_block_bytes)
         self.quantization = quantization
         # Where the int8 weights came from: "quantized-at-load" (llmprod quantized
         # them, or reloaded its own saved copy) or "bitsandbytes-checkpoint".
@@ -129,7 +114,7 @@ class Engine:
                 config.semantic_threshold,
                 config.cache_ttl,
             )
-        self._metrics = MetricsRecorder()
+        self.recorder = MetricsRecorder()
         self.admission = Admission(
             config,
             tokenizer,
@@ -159,7 +144,7 @@ class Engine:
             tokenizer,
             self.eos_token_ids,
             self.max_model_len,
-            self._metrics,
+            self.recorder,
             self.answers,
         )
         self.core = EngineCore(
@@ -167,7 +152,7 @@ class Engine:
             kv,
             runner,
             self.output,
-            self._metrics,
+            self.recorder,
             config.num_threads,
         )
         """The step loop; it owns the scheduler, the KV cache and the runner."""
@@ -466,49 +451,7 @@ class Engine:
 
     def metrics(self) -> MetricsSnapshot:
         """A snapshot of counters, latency percentiles, cache and memory use."""
-        kv = self.kv.stats()
-        if self.device.type == "cuda":
-            mem = {
-                "now_bytes": int(torch.cuda.memory_allocated(self.device)),
-                "peak_bytes": int(torch.cuda.max_memory_allocated(self.device)),
-            }
-        else:
-            mem = {"now_bytes": process_rss_bytes(), "peak_bytes": peak_rss_bytes()}
-        snap = self._metrics.snapshot(
-            kv_cache={
-                "num_blocks": kv.num_blocks,
-                "block_size": kv.block_size,
-                "usage": kv.usage,
-                "cached_blocks": kv.num_cached_blocks,
-                "prefix_hit_rate": kv.prefix_hit_rate,
-                "evictions": kv.num_evictions,
-                "budget_bytes": kv.num_blocks * self._kv_block_bytes,
-                "touched_bytes": kv.num_touched_blocks * self._kv_block_bytes,
-            },
-            scheduler={"preemptions": self.scheduler.stats().num_preemptions},
-            cache=self.answers.stats() if self.answers is not None else {},
-            memory=mem,
-            engine={
-                "model": self.model_name,
-                "device": str(self.device),
-                "dtype": str(self.dtype).removeprefix("torch."),
-                "attention_backend": self.backend.name,
-                "linear_backend": self.linear_backend,
-                "packed_linears": self.packed_linears,
-                "greedy_screening": {
-                    "enabled": self.greedy_head is not None,
-                    **(self.greedy_head.stats() if self.greedy_head else {}),
-                },
-                "model_impl": self.model_impl,
-                "quantization": self.quantization,
-                "quantization_source": self.quantization_source,
-                "model_path": str(self.model_path),
-            },
-        )
-        if self.throttle is not None:
-            for tenant, usage in self.throttle.snapshot().items():
-                snap.tenants.setdefault(tenant, {})["throttle"] = usage
-        return snap
+        return report.snapshot(self)
 
     def close(self) -> None:
         """Abort what is in flight, stop the step thread, free model and KV memory.
@@ -580,7 +523,7 @@ class Engine:
         with self._close_lock:
             if self._closed:
                 raise EngineClosedError("the engine is closed")
-            self._metrics.on_submit(req.tenant)
+            self.recorder.on_submit(req.tenant)
             if cached is None:
                 self.core.submit(h)
         if cached is not None:  # answered without touching the model

@@ -18,7 +18,12 @@ import torch
 
 from llmprod.config import EngineConfig
 from llmprod.errors import InvalidConfigError
-from llmprod.layers.linear import resolve_linear_backend
+from llmprod.layers.linear import (
+    pack_onednn_linears,
+    resolve_linear_backend,
+    use_onednn_linears,
+)
+from llmprod.layers.screened_head import ScreenedGreedyHead, screened_head_for
 from llmprod.models.loader import build_model, load_config, pick_dtype
 from llmprod.models.registry import resolve_model
 
@@ -71,6 +76,40 @@ def load_model(
             source = "quantized-at-load"
     tokenizer = AutoTokenizer.from_pretrained(path)
     return LoadedModel(nn_model, tokenizer, hf_config, path, quantization, source)
+
+
+@dataclass(slots=True)
+class SpeedUps:
+    """What :func:`speed_up` did to a loaded model."""
+
+    linear_backend: str
+    """"onednn" or "torch": who computes the float32 linear layers."""
+    packed_linears: int
+    """Linear layers whose weights oneDNN holds in its blocked layout."""
+    greedy_head: ScreenedGreedyHead | None
+    """Greedy screening of the lm_head product, or None where it is off."""
+
+
+def speed_up(
+    model: torch.nn.Module,
+    config: EngineConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> SpeedUps:
+    """Swap in the faster CPU paths the config allows: oneDNN linear layers
+    (weights packed in its blocked layout) and greedy screening."""
+    backend = linear_backend(config, device, dtype)
+    packed = 0
+    if backend == "onednn":
+        use_onednn_linears(model)
+        # Not lm_head: screening and a tied embedding read its weight.
+        lm_head: torch.nn.Module = model.lm_head  # type: ignore[assignment]
+        packed = pack_onednn_linears(model, exclude=(lm_head,))
+    try:
+        head = screened_head_for(model, config.greedy_screening, device)
+    except ValueError as exc:
+        raise InvalidConfigError(str(exc), "greedy_screening") from exc
+    return SpeedUps(backend, packed, head)
 
 
 def linear_backend(
