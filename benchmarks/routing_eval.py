@@ -47,7 +47,7 @@ import torch
 
 from llmprod import Engine, SamplingParams
 from llmprod.eval.quality import bleu, default_embedder, semantic_similarity
-from llmprod.router.router import (
+from llmprod.router import (
     CascadePolicy,
     ComplexityPolicy,
     RoutePlan,

@@ -1,9 +1,11 @@
-"""llmprod.router.router on the real model: complexity routing, the cascade's escalation
-rule, the stats and their sums, streaming, chat, async and threads."""
+"""llmprod.router on the real model: complexity routing, the cascade's escalation
+rule, the stats and their sums, streaming, chat, async and threads, and the
+Router's methods taking the Engine's parameters."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import math
 import threading
@@ -14,7 +16,7 @@ import pytest
 from llmprod import Engine, SamplingParams
 from llmprod.errors import InvalidConfigError
 from llmprod.ops.pricing import PriceTable
-from llmprod.router.router import (
+from llmprod.router import (
     CascadePolicy,
     ComplexityPolicy,
     RoutePlan,
@@ -331,3 +333,50 @@ def test_router_rejects_bad_configs(engine: Engine) -> None:
         two_names(engine, Nowhere()).generate(EASY, GREEDY)
     with pytest.raises(ValueError, match="empty"):
         two_names(engine, ComplexityPolicy(0.5)).generate("", GREEDY)
+
+
+# ----------------------------------------------------------- the Engine's API
+@pytest.mark.parametrize("name", ["generate", "chat", "stream", "agenerate", "astream"])
+def test_router_methods_take_the_engines_parameters(name: str) -> None:
+    def shape(fn: Callable[..., object]) -> list[tuple[str, object, object]]:
+        params = list(inspect.signature(fn).parameters.values())
+        return [(p.name, p.kind, p.default) for p in params]
+
+    assert shape(getattr(Router, name)) == shape(getattr(Engine, name))
+    assert inspect.iscoroutinefunction(getattr(Router, name)) == (
+        inspect.iscoroutinefunction(getattr(Engine, name))
+    )
+    assert inspect.isasyncgenfunction(getattr(Router, name)) == (
+        inspect.isasyncgenfunction(getattr(Engine, name))
+    )
+
+
+def test_engine_arguments_pass_through(engine: Engine) -> None:
+    router = two_names(engine, CascadePolicy(1.0))
+    context = "Paris is the capital and largest city of France."
+    out = router.generate(EASY, GREEDY, wait_timeout=5.0, grounding_context=context)[0]
+    assert out.flags["route"]["tried"] == ["small", "large"]
+    assert (
+        out.flags["grounding"]
+        == engine.generate(EASY, GREEDY, grounding_context=context)[0].flags[
+            "grounding"
+        ]
+    )
+    reply = router.chat(
+        [{"role": "user", "content": EASY}], GREEDY, grounding_context=context
+    )
+    assert not isinstance(reply, list) and "grounding" in reply.flags
+    deltas = list(router.stream(EASY, GREEDY, wait_timeout=5.0))
+    assert deltas[-1].completion is not None
+
+    async def run() -> str:
+        outs = await router.agenerate([EASY], GREEDY, wait_timeout=5.0)
+        text = ""
+        async for d in router.astream(EASY, GREEDY, wait_timeout=5.0):
+            text += d.text
+        assert text == outs[0].text
+        return text
+
+    assert asyncio.run(run()) == out.text
+    with pytest.raises(TypeError):
+        router.chat([{"role": "user", "content": EASY}], GREEDY, colour="blue")
