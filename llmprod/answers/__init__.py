@@ -5,6 +5,10 @@
 - embeddings (:class:`~llmprod.answers.embeddings.Embedder`, imported on first use:
   it needs torch),
 - :class:`AnswerCaches`: how the Engine looks them up and fills them.
+
+Keys are made in :mod:`~llmprod.answers.keys`, answers encoded in
+:mod:`~llmprod.answers.codec`; the semantic cache's vectors live in
+:mod:`~llmprod.answers.index` and :mod:`~llmprod.answers.vectors`.
 """
 
 from __future__ import annotations

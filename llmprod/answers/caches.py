@@ -19,8 +19,6 @@ from llmprod.sched.request import Request
 
 logger = logging.getLogger("llmprod")
 
-"""Cosine similarity for a semantic hit (see docs/caching.md for the measured table)."""
-
 
 def conversation_text(messages: list[dict[str, Any]]) -> tuple[str, str]:
     """Split a conversation into (last user message, everything else as context).
@@ -123,6 +121,7 @@ class AnswerCaches:
             self.semantic.add(req.text, req.params, completion, context=req.context)
 
     def stats(self) -> dict[str, Any]:
+        """Each cache's counters: ``response`` and ``semantic``, for those that are on."""
         out: dict[str, Any] = {}
         if self.exact is not None:
             out["response"] = self.exact.stats()
@@ -131,6 +130,7 @@ class AnswerCaches:
         return out
 
     def close(self) -> None:
+        """Flush queued writes and close both caches."""
         if self.exact is not None:
             self.exact.close()
         if self.semantic is not None:

@@ -4,6 +4,7 @@ real backends (Redis paused with SIGSTOP, diskcache, tiers, a second process).""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from llmprod.answers import (
     completion_to_bytes,
     response_key,
 )
-from llmprod.answers.exact import FORMAT_VERSION, sampling_key_fields
+from llmprod.answers.keys import FORMAT_VERSION, sampling_key_fields
 from llmprod.cache import FailSafeCache, MemoryCache, TieredCache, open_cache
 from llmprod.models.fingerprint import model_fingerprint
 from llmprod.outputs import Completion, Timings, TokenLogprob, Usage
@@ -562,3 +563,35 @@ def test_fingerprint_of_a_single_file_and_bad_inputs(tmp_path: Path) -> None:
     (empty / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError):
         model_fingerprint(empty, "float32", None)
+
+
+# ---------------------------------------------------------------- old paths
+def test_old_module_paths_keep_their_names() -> None:
+    old_response = [
+        "COMPLETION_FORMAT",
+        "FORMAT_VERSION",
+        "STORED_FINISH_REASONS",
+        "ResponseCache",
+        "as_failsafe",
+        "canonical_json",
+        "completion_from_bytes",
+        "completion_to_bytes",
+        "model_fingerprint",
+        "response_key",
+        "sampling_key_fields",
+    ]
+    out = run_python(
+        "import json, warnings; warnings.simplefilter('error');"
+        "import llmprod;"
+        "from llmprod.answers import exact, semantic;"
+        f"print(json.dumps([[hasattr(exact, n) for n in {old_response!r}],"
+        " sorted(semantic.__all__)]))"
+    )
+    has_names, semantic_all = json.loads(out)
+    assert has_names == [True] * len(old_response)
+    assert semantic_all == ["DEFAULT_THRESHOLD", "SemanticCache", "TextEmbedder"]
+    sys.modules.pop("llmprod.cache.response", None)
+    with pytest.warns(DeprecationWarning, match="llmprod.answers.exact"):
+        old = importlib.import_module("llmprod.cache.response")
+    assert old.response_key is response_key and old.FORMAT_VERSION == FORMAT_VERSION
+    assert old.model_fingerprint is model_fingerprint
