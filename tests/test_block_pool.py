@@ -52,14 +52,14 @@ def test_cached_block_survives_free_until_evicted() -> None:
     pool = BlockPool(2)
     (b,) = pool.allocate(1)
     h = hash_block(None, [1, 2, 3, 4])
-    pool.cache_block(b, h)
+    pool.cache_block(b, h, [1, 2, 3, 4])
     pool.free([b])
-    assert pool.lookup(h) == b and pool.num_free_blocks == 2
+    assert pool.lookup(h, [1, 2, 3, 4]) == b and pool.num_free_blocks == 2
     pool.touch([b])  # a prefix hit takes it back out of the free queue
     assert pool.num_free_blocks == 1 and pool.ref_counts[b] == 1
     pool.free([b])
     pool.allocate(2)  # needs every block: the cached one is evicted
-    assert pool.lookup(h) is None and pool.num_evictions == 1
+    assert pool.lookup(h, [1, 2, 3, 4]) is None and pool.num_evictions == 1
 
 
 def test_manager_prefix_hit_shares_blocks_and_leaves_one_token() -> None:
@@ -99,4 +99,59 @@ def test_prompt_logprobs_requests_skip_the_prefix_cache() -> None:
     kv.cache_full_blocks(a)
     b = make_request(list(range(9)), prompt_logprobs=1)
     assert kv.find_cached_prefix(b) == []
+    kv.free(a)
+
+
+def test_block_hash_is_a_sha256_digest_over_parent_tokens_and_keys() -> None:
+    import hashlib
+    from array import array
+
+    h = hash_block(None, [1, 2])
+    expected = hashlib.sha256(
+        b"\0" * 32 + (2).to_bytes(4, "little") + array("q", [1, 2]).tobytes()
+    ).digest()
+    assert h == expected
+    # A token id past 32 bits is not truncated into another prompt's hash.
+    assert hash_block(None, [2**32 + 1]) != hash_block(None, [1])
+    # Extra keys (cache scope, adapter) separate otherwise equal blocks.
+    assert hash_block(None, [1, 2], ("tenant:a",)) != hash_block(
+        None, [1, 2], ("tenant:b",)
+    )
+
+
+def test_a_hash_collision_never_reuses_a_block_of_other_tokens(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Force every block to hash alike (a stand-in for a crafted collision, which
+    # cannot be made for SHA-256): the token-id check must still refuse the hit.
+    import llmprod.kv.manager as manager
+
+    monkeypatch.setattr(manager, "hash_block", lambda parent, tokens, keys=(): b"x")
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    victim = make_request([1, 2, 3, 4, 5, 6, 7, 8, 9], "victim")
+    assert kv.allocate_slots(victim, 9)
+    victim.num_computed_tokens = 9
+    kv.cache_full_blocks(victim)
+    assert kv.pool.num_cached_blocks == 1
+    attacker = make_request([9, 9, 9, 9, 5, 6, 7, 8, 1], "attacker")
+    assert kv.find_cached_prefix(attacker) == []
+    twin = make_request([1, 2, 3, 4, 0, 0, 0, 0, 1], "twin")
+    assert kv.find_cached_prefix(twin) == [victim.block_ids[0]]
+    kv.free(victim)
+    assert kv.pool.is_whole()
+
+
+def test_requests_with_other_cache_keys_share_no_blocks() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    a = make_request(list(range(9)), "a")
+    a.cache_keys = ("tenant:a",)
+    assert kv.allocate_slots(a, 9)
+    a.num_computed_tokens = 9
+    kv.cache_full_blocks(a)
+    b = make_request(list(range(9)), "b")
+    b.cache_keys = ("tenant:b",)
+    assert kv.find_cached_prefix(b) == []
+    c = make_request(list(range(9)), "c")
+    c.cache_keys = ("tenant:a",)
+    assert kv.find_cached_prefix(c) == a.block_ids[:2]
     kv.free(a)

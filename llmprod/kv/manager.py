@@ -76,7 +76,9 @@ class KVCacheManager:
         while (len(hashes) + 1) * bs <= len(tokens):
             i = len(hashes)
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block(parent, tokens[i * bs : (i + 1) * bs]))
+            hashes.append(
+                hash_block(parent, tokens[i * bs : (i + 1) * bs], request.cache_keys)
+            )
 
     def find_cached_prefix(self, request: Request) -> list[int]:
         """Blocks holding the longest cached prefix of the request's known tokens.
@@ -88,9 +90,10 @@ class KVCacheManager:
             return []
         self.update_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size
-        found = []
-        for h in request.block_hashes[:max_blocks]:
-            b = self.pool.lookup(h)
+        found: list[int] = []
+        bs = self.block_size
+        for i, h in enumerate(request.block_hashes[:max_blocks]):
+            b = self.pool.lookup(h, request.token_ids[i * bs : (i + 1) * bs])
             if b is None:
                 break
             found.append(b)
@@ -137,7 +140,8 @@ class KVCacheManager:
             len(request.block_ids),
         )
         for i in range(request.num_registered_blocks, num_full):
-            self.pool.cache_block(request.block_ids[i], request.block_hashes[i])
+            tokens = request.token_ids[i * self.block_size : (i + 1) * self.block_size]
+            self.pool.cache_block(request.block_ids[i], request.block_hashes[i], tokens)
         request.num_registered_blocks = max(request.num_registered_blocks, num_full)
 
     def free(self, request: Request) -> None:

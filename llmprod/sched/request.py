@@ -41,7 +41,11 @@ class Request:
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
+    """Prefix hashes of the full blocks of known tokens (``llmprod.kv.hash_block``)."""
+    cache_keys: tuple[str, ...] = ()
+    """Extra keys of every prefix hash: what else decides the KV (a cache scope,
+    an adapter's content hash). Requests with other keys share no KV blocks."""
     num_registered_blocks: int = 0
     """Leading blocks already registered in the prefix map."""
     num_cached_tokens: int = 0
