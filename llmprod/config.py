@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmprod.errors import InvalidConfigError
+
+if TYPE_CHECKING:
+    from llmprod.cache.protocol import CacheBackend
+    from llmprod.ops.guards import Guard
+    from llmprod.ops.limits import TenantLimits, Throttle
+    from llmprod.ops.pricing import PriceTable
 
 _UNITS = {
     "": 1,
@@ -155,10 +162,10 @@ class EngineConfig:
     quantization_skip: tuple[str, ...] = DEFAULT_QUANTIZATION_SKIP
     """Modules int8 leaves in full precision (a name, a dotted suffix or a parent,
     e.g. "mlp.down_proj"); ``()`` quantizes lm_head too."""
-    cache: Any = None
+    cache: str | CacheBackend | None = None
     """Exact response cache: a URL ("memory://", "redis://127.0.0.1:6379/0",
     "diskcache:///dir", "s3://bucket/prefix"), a backend or a TieredCache."""
-    semantic_cache: Any = None
+    semantic_cache: str | CacheBackend | None = None
     """Semantic response cache (MiniLM similarity): a URL, backend or TieredCache."""
     semantic_threshold: float | None = None
     """Cosine similarity of a semantic hit (None: :data:`DEFAULT_SEMANTIC_THRESHOLD`)."""
@@ -168,14 +175,14 @@ class EngineConfig:
     """Seed of the engine's generator for requests without their own seed."""
     num_threads: int | None = None
     """torch intra-op threads on CPU; None keeps torch's choice."""
-    prices: Any = None
+    prices: PriceTable | None = None
     """A :class:`llmprod.ops.pricing.PriceTable`; None costs nothing."""
-    limits: Any = None
+    limits: Mapping[str, TenantLimits] | Throttle | None = None
     """Per-tenant limits: ``{tenant: TenantLimits}`` or a ready
     :class:`llmprod.ops.limits.Throttle`; None: no limits."""
-    default_limits: Any = None
+    default_limits: TenantLimits | None = None
     """:class:`llmprod.ops.limits.TenantLimits` for tenants not in ``limits``."""
-    guards: Any = None
+    guards: Sequence[Guard] | None = None
     """Safety guards run on every prompt and output (``llmprod.ops.guards``)."""
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     """The paged KV cache."""

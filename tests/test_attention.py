@@ -182,3 +182,10 @@ def test_release_lets_the_kv_cache_go() -> None:
     backend.release()
     gc.collect()
     assert alive() is None
+
+
+def test_both_backends_are_attention_backends() -> None:
+    from llmprod.layers.attention import AttentionBackend, TritonAttentionBackend
+
+    assert isinstance(TorchAttentionBackend(), AttentionBackend)
+    assert isinstance(TritonAttentionBackend(), AttentionBackend)

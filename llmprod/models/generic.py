@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -32,6 +32,9 @@ from torch import nn
 from llmprod.errors import UnsupportedModelError
 from llmprod.layers.attention.metadata import AttentionMetadata
 from llmprod.models.loader import unsupported_layer_types
+
+if TYPE_CHECKING:
+    from llmprod.layers.attention.backend import AttentionBackend
 
 logger = logging.getLogger("llmprod")
 
@@ -46,7 +49,10 @@ class _Step:
     __slots__ = ("backend", "calls", "kv_caches", "meta")
 
     def __init__(
-        self, backend: Any, kv_caches: list[torch.Tensor], meta: AttentionMetadata
+        self,
+        backend: AttentionBackend,
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
     ) -> None:
         self.backend = backend
         self.kv_caches = kv_caches
@@ -144,7 +150,8 @@ class GenericForCausalLM(nn.Module):
         return self.hf_model.base_model
 
     @property
-    def lm_head(self) -> Any:
+    def lm_head(self) -> nn.Module:
+        """The wrapped model's output embeddings."""
         return self.hf_model.get_output_embeddings()
 
     @property
@@ -162,7 +169,7 @@ class GenericForCausalLM(nn.Module):
         positions: torch.Tensor,  # int64 [num_tokens]
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
-        backend: Any,
+        backend: AttentionBackend,
     ) -> torch.Tensor:  # [num_tokens, hidden_size]
         backend.prepare(meta)
         step = _Step(backend, kv_caches, meta)
@@ -183,7 +190,7 @@ class GenericForCausalLM(nn.Module):
                 "transformers' attention interface, so the generic path cannot run it",
                 "model",
             )
-        return out.last_hidden_state[0]  # type: ignore[no-any-return]
+        return out.last_hidden_state[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, vocab]
         logits = self.lm_head(hidden)

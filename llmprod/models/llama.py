@@ -10,13 +10,16 @@ transformers exactly.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llmprod.layers.attention.metadata import AttentionMetadata
+
+if TYPE_CHECKING:
+    from llmprod.layers.attention.backend import AttentionBackend
 
 _HAS_RMS_NORM = hasattr(F, "rms_norm")  # torch >= 2.4
 
@@ -86,7 +89,7 @@ class LlamaAttention(nn.Module):
         sin: torch.Tensor,  # [num_tokens, 1, head_dim]
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
-        backend: Any,
+        backend: AttentionBackend,
     ) -> torch.Tensor:
         n = hidden.shape[0]
         qkv = self.qkv_proj(hidden)
@@ -128,7 +131,15 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden, cos, sin, kv_cache, meta, backend):  # type: ignore[no-untyped-def]
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
         h = hidden + self.self_attn(
             self.input_layernorm(hidden), cos, sin, kv_cache, meta, backend
         )
@@ -182,7 +193,7 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,  # int64 [num_tokens]
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
-        backend: Any,
+        backend: AttentionBackend,
     ) -> torch.Tensor:  # [num_tokens, hidden_size]
         hidden = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(hidden.unsqueeze(0), positions.unsqueeze(0))

@@ -17,7 +17,7 @@ from llmprod.models.llama import LlamaForCausalLM, _rotary_module
 logger = logging.getLogger("llmprod")
 
 # model_type -> native implementation.
-NATIVE_MODELS: dict[str, type[nn.Module]] = {
+NATIVE_MODELS: dict[str, type[LlamaForCausalLM]] = {
     "llama": LlamaForCausalLM,
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
@@ -147,7 +147,7 @@ def meta_construction() -> Iterator[None]:
 
 def _build_native(
     config: Any, path: Path, dtype: torch.dtype, device: torch.device
-) -> nn.Module:
+) -> LlamaForCausalLM:
     """Instantiate the native model without random init and load the checkpoint."""
     check_supported(config)
     with meta_construction():
@@ -157,7 +157,7 @@ def _build_native(
     if not files:
         raise ModelLoadError(f"no .safetensors files in {str(path)!r}")
     try:
-        model.load_weights(_iter_safetensors(files))  # type: ignore[operator]
+        model.load_weights(_iter_safetensors(files))
     except ValueError as exc:
         raise ModelLoadError(
             f"weights in {str(path)!r} do not fit the model: {exc}"
@@ -169,19 +169,19 @@ def _build_native(
 
 
 def materialize_native(
-    model: nn.Module, config: Any, dtype: torch.dtype, device: torch.device
-) -> nn.Module:
+    model: LlamaForCausalLM, config: Any, dtype: torch.dtype, device: torch.device
+) -> LlamaForCausalLM:
     """Allocate a native model built on the meta device (uninitialised, in
     ``dtype``), re-tie its embeddings and give it float32 RoPE tables computed as
     transformers computes them. The weights are loaded afterwards."""
     model = model.to_empty(device=device).to(dtype)
     if getattr(model, "tie_word_embeddings", False):
-        model.lm_head.weight = model.model.embed_tokens.weight  # type: ignore[union-attr]
-    model.model.rotary_emb = _rotary_module(config).to(device)  # type: ignore[union-attr]
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = _rotary_module(config).to(device)
     return model
 
 
-def _iter_safetensors(files: list[Path]):  # type: ignore[no-untyped-def]
+def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
     for f in files:

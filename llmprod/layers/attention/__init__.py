@@ -1,19 +1,22 @@
-"""Attention over the paged KV cache: the seam between the model and the kernels."""
+"""Attention over the paged KV cache: the seam between the model and the kernels.
+
+- :mod:`~llmprod.layers.attention.backend`: the ``AttentionBackend`` protocol and
+  ``get_attention_backend``.
+- :mod:`~llmprod.layers.attention.metadata`: ``AttentionMetadata``, the batch
+  description every backend reads.
+- :mod:`~llmprod.layers.attention.torch_backend`: torch ops (the CPU path).
+- :mod:`~llmprod.layers.attention.triton_backend`: the Triton kernels (the GPU
+  path).
+- :mod:`~llmprod.layers.attention.reference`: pure-torch references of the kernels.
+"""
 
 from __future__ import annotations
 
-import os
-from typing import Any, Protocol
-
-import torch
-
-from llmprod.errors import InvalidConfigError
+from llmprod.layers.attention.backend import AttentionBackend, get_attention_backend
 from llmprod.layers.attention.metadata import AttentionMetadata
 from llmprod.layers.attention.reference import paged_attention_ref, store_kv_ref
-from llmprod.layers.attention.torch_backend import (
-    TorchAttentionBackend,
-    TritonAttentionBackend,
-)
+from llmprod.layers.attention.torch_backend import TorchAttentionBackend
+from llmprod.layers.attention.triton_backend import TritonAttentionBackend
 
 __all__ = [
     "AttentionBackend",
@@ -24,70 +27,3 @@ __all__ = [
     "paged_attention_ref",
     "store_kv_ref",
 ]
-
-
-class AttentionBackend(Protocol):
-    """Writes a layer's new K/V into its cache and attends over the cache."""
-
-    name: str
-    default_block_size: int
-    """KV block size the engine uses when the config leaves it unset."""
-
-    def prepare(self, meta: AttentionMetadata) -> None:
-        """Build per-step state once, before the first layer runs."""
-
-    def release(self) -> None:
-        """Drop whatever the backend holds of the KV caches (the engine closes)."""
-
-    def forward(
-        self,
-        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
-        meta: AttentionMetadata,
-        scale: float,
-        sliding_window: int | None = None,
-        softcap: float | None = None,
-    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-        """Store key/value at ``meta.slot_mapping``, return attention output.
-
-        ``sliding_window`` and ``softcap`` follow ``paged_attention_ref``."""
-        ...
-
-
-def get_attention_backend(name: str, device: torch.device) -> Any:
-    """Pick a backend: "auto" = Triton on CUDA, torch elsewhere.
-
-    Raises:
-        InvalidConfigError: Triton asked for with no GPU and no TRITON_INTERPRET=1,
-            or Triton not installed.
-    """
-    if name == "auto":
-        name = "triton" if device.type == "cuda" and _has_triton() else "torch"
-    if name == "torch":
-        return TorchAttentionBackend()
-    if name == "triton":
-        if not _has_triton():
-            raise InvalidConfigError(
-                "attention_backend='triton' needs Triton: pip install 'llmprod[triton]'",
-                "attention_backend",
-            )
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise InvalidConfigError(
-                "attention_backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 "
-                f"for the slow CPU interpreter); this engine runs on {device.type!r}. "
-                "Use attention_backend='torch' or 'auto'.",
-                "attention_backend",
-            )
-        return TritonAttentionBackend()
-    raise InvalidConfigError(
-        f"attention_backend={name!r} must be 'auto', 'torch' or 'triton'",
-        "attention_backend",
-    )
-
-
-def _has_triton() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None

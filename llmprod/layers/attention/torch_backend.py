@@ -9,12 +9,16 @@ attends to its own keys directly, without reading the cache back.
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from llmprod.layers.attention.metadata import AttentionMetadata
+
+# Served here too for the old path ``llmprod.attention.torch_backend``.
+from llmprod.layers.attention.triton_backend import TritonAttentionBackend
+
+__all__ = ["TorchAttentionBackend", "TritonAttentionBackend"]
 
 # SDPA grew ``enable_gqa`` in torch 2.5; older versions repeat the KV heads.
 _HAS_ENABLE_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -71,6 +75,14 @@ def _softcapped(
 
 # (first row, end row, block ids to gather or None, mask or None)
 _Gather = tuple[int, int, "torch.Tensor | None", "torch.Tensor | None"]
+# Per step, in ``AttentionMetadata.backend_state["torch"]``: the decode groups
+# (first row, end row, block ids), the prefill chunks (first token, end token,
+# block ids or None) and the plans built so far, by attention window.
+_State = tuple[
+    list[tuple[int, int, torch.Tensor]],
+    list[tuple[int, int, "torch.Tensor | None"]],
+    dict["int | None", tuple[list[_Gather], list[_Gather]]],
+]
 
 
 class TorchAttentionBackend:
@@ -84,7 +96,9 @@ class TorchAttentionBackend:
     def __init__(self) -> None:
         self._local = threading.local()
         # (data_ptr, shape, dtype) -> views of one layer's cache (see _views).
-        self._cache_views: dict[tuple[Any, ...], tuple[torch.Tensor, ...]] = {}
+        self._cache_views: dict[
+            tuple[int, torch.Size, torch.dtype], tuple[torch.Tensor, ...]
+        ] = {}
 
     def release(self) -> None:
         """Drop the views this backend keeps of the KV caches (engine close)."""
@@ -153,23 +167,24 @@ class TorchAttentionBackend:
         window reaches, so a local layer reads ``window`` keys, not the whole
         context. Mask ``None`` = none needed (or, for a chunk with no earlier
         context, plain causal)."""
-        groups, prefills, cache = meta.backend_state["torch"]
+        state: _State = meta.backend_state["torch"]
+        groups, prefills, cache = state
         if window in cache:
-            return cache[window]  # type: ignore[no-any-return]
+            return cache[window]
         bs = meta.block_size
         device = meta.block_tables.device
         group_plan: list[_Gather] = []
-        for lo, hi, blocks in groups:
+        for lo, hi, group_blocks in groups:
             lens = meta.seq_lens_host[lo:hi]
             n = hi - lo
-            padded = blocks.numel() // n * bs
+            padded = group_blocks.numel() // n * bs
             if window is None or max(lens) <= window:
                 mask = None
                 if min(lens) != padded:
                     lens_t = torch.tensor(lens, device=device)[:, None]
                     pos = torch.arange(padded, device=device)[None, :]
                     mask = (pos < lens_t)[:, None, None, :]  # [n, 1, 1, L]
-                group_plan.append((lo, hi, blocks, mask))
+                group_plan.append((lo, hi, group_blocks, mask))
                 continue
             # Per sequence, the blocks from the first one its window reaches.
             first = [max(0, length - window) // bs for length in lens]
@@ -301,47 +316,3 @@ class TorchAttentionBackend:
         torch.index_select(blocks_k, 0, blocks, out=k)
         torch.index_select(blocks_v, 0, blocks, out=v)
         return k, v
-
-
-class TritonAttentionBackend:
-    """The Triton kernels of ``llmprod.kernels`` (CUDA, or TRITON_INTERPRET=1)."""
-
-    name = "triton"
-    default_block_size = 16
-
-    def __init__(self) -> None:
-        import importlib
-
-        kernels = importlib.import_module("llmprod.kernels")
-
-        self._store_kv = kernels.store_kv
-        self._paged_attention = kernels.paged_attention
-
-    def prepare(self, meta: AttentionMetadata) -> None:
-        return None
-
-    def release(self) -> None:
-        return None
-
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        scale: float,
-        sliding_window: int | None = None,
-        softcap: float | None = None,
-    ) -> torch.Tensor:
-        self._store_kv(key, value, kv_cache, meta.slot_mapping)
-        return self._paged_attention(
-            query,
-            kv_cache,
-            meta.block_tables,
-            meta.seq_lens,
-            meta.cu_seqlens_q,
-            scale,
-            sliding_window=sliding_window,
-            softcap=softcap,
-        )
