@@ -45,8 +45,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from llmprod.quant import int8
-from llmprod.quant.int8 import WeightOnlyInt8Linear, quantize_per_channel
+from llmprod.quant import bnb_linear, weight_only
+from llmprod.quant.scheme import quantize_per_channel
+from llmprod.quant.weight_only import WeightOnlyInt8Linear
 
 HIDDEN, INTERMEDIATE, HEAD_DIM, NUM_HEADS, NUM_KV_HEADS, NUM_LAYERS = (
     576,
@@ -142,7 +143,7 @@ def build_variants(
         for threshold in (6.0, 0.0):
             variants[f"bnb t={threshold:g}"] = (
                 stack(
-                    lambda n, i, t=threshold: int8._make_bnb_linear(
+                    lambda n, i, t=threshold: bnb_linear._make_bnb_linear(
                         *quantized[i][n], None, t, is_training=False
                     )
                 ),
@@ -223,12 +224,12 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, ATen CPU capability "
         f"{torch.backends.cpu.get_cpu_capability()}, native bf16 GEMM "
-        f"{int8._has_native_bf16_gemm()}, threads {torch.get_num_threads()}, "
+        f"{weight_only._has_native_bf16_gemm()}, threads {torch.get_num_threads()}, "
         f"{platform.machine()}, bitsandbytes {bnb_version}"
     )
     print(
         f"{args.layers} layers x 4 linears, SmolLM2-135M shapes; wo default "
-        f"large_m_threshold={int8._default_large_m_threshold()}; up to "
+        f"large_m_threshold={weight_only._default_large_m_threshold()}; up to "
         f"{args.samples} interleaved samples per cell (n); load average "
         f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}"
     )

@@ -50,11 +50,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmprod.quant.int8 import (
+from llmprod.quant.scheme import quantize_per_channel
+from llmprod.quant.weight_only import (
     _FUSED_K_MULTIPLE,
     _aligned,
     is_int8pack_available,
-    quantize_per_channel,
 )
 
 logger = logging.getLogger("llmprod")

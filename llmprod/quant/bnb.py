@@ -5,7 +5,7 @@ per quantized linear layer, ``<name>.weight`` (int8 ``[out, in]``, row-major),
 ``<name>.SCB`` (float32 ``[out]``, the absmax of each row: scale = SCB / 127) and
 ``<name>.weight_format`` (uint8 scalar, 0 = row-major), with ``quantization_config``
 (``quant_method: "bitsandbytes"``, ``load_in_8bit: true``) in ``config.json``. That
-is the per-row symmetric int8 scheme of :mod:`llmprod.quant.int8`, so the int8 rows
+is the per-row symmetric int8 scheme of :mod:`llmprod.quant.scheme`, so the int8 rows
 and scales are installed as they are, concatenated where the native model fuses
 projections (q/k/v into ``qkv_proj``, gate/up into ``gate_up_proj``): no weight is
 dequantized and nothing is quantized again.
@@ -22,16 +22,19 @@ import torch
 from torch import nn
 
 from llmprod.errors import InvalidConfigError, ModelLoadError, UnsupportedModelError
-from llmprod.quant.int8 import (
-    Int8UnavailableError,
-    QuantizedCheckpointError,
-    _runtime_module,
-    _set_submodule,
-    dequantize_per_channel,
-    resolve_method,
-)
+from llmprod.quant.convert import _set_submodule
+from llmprod.quant.errors import Int8UnavailableError, QuantizedCheckpointError
+from llmprod.quant.runtime import _runtime_module, resolve_method
+from llmprod.quant.scheme import dequantize_per_channel
 
 logger = logging.getLogger("llmprod")
+
+__all__ = [
+    "SOURCE",
+    "BnbCheckpointError",
+    "is_bnb_int8_checkpoint",
+    "load_bnb_int8_model",
+]
 
 #: ``engine.metrics().engine["quantization_source"]`` for these checkpoints.
 SOURCE = "bitsandbytes-checkpoint"
@@ -45,7 +48,7 @@ _FORMAT_NAMES = {0: "row", 1: "col32", 2: "col_turing", 3: "col_ampere"}
 class BnbCheckpointError(QuantizedCheckpointError, ModelLoadError):
     """A bitsandbytes checkpoint whose tensors are missing, mismatched or unreadable.
 
-    A :class:`~llmprod.quant.int8.QuantizedCheckpointError` (so a ``ValueError``) and
+    A :class:`~llmprod.quant.errors.QuantizedCheckpointError` (so a ``ValueError``) and
     a :class:`~llmprod.errors.ModelLoadError`.
 
     Attributes:
@@ -293,7 +296,7 @@ def load_bnb_int8_model(
         dtype: dtype of the full-precision tensors.
         device: where the model lives.
         method: ``None``, ``"int8"`` or ``"auto"`` (the faster path here, as
-            :func:`~llmprod.quant.int8.resolve_method` picks for ``"int8"``),
+            :func:`~llmprod.quant.runtime.resolve_method` picks for ``"int8"``),
             ``"int8-wo"`` or ``"int8-bnb"``.
         compute_dtype: activation dtype of the weight-only path.
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmprod import Engine, SamplingParams
+from llmprod import Engine, SamplingParams, quant
 from llmprod.quant import int8
 from tests.prompts import CHAT_PROMPTS, PARAGRAPH, TEXT_PROMPTS
 
@@ -84,7 +84,7 @@ def test_second_load_reuses_the_saved_int8_weights(
     def no_quantizing(*args: Any, **kwargs: Any) -> str:
         raise AssertionError("quantized again")
 
-    monkeypatch.setattr(int8, "quantize_model", no_quantizing)
+    monkeypatch.setattr(quant, "quantize_model", no_quantizing)
     eng = Engine.from_pretrained(
         "smollm2-135m", quantization="int8", kv_cache_memory="64MiB"
     )

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from llmprod.quant import int8
+from llmprod.quant import int8, runtime
 from llmprod.quant.int8 import (
     Int8UnavailableError,
     QuantizedCheckpointError,
@@ -317,8 +317,10 @@ def test_unavailable_platform(
     def no_bnb() -> None:
         raise Int8UnavailableError("bitsandbytes is not installed")
 
-    monkeypatch.setattr(int8, "is_int8pack_available", lambda device_type="cpu": False)
-    monkeypatch.setattr(int8, "_import_bnb", no_bnb)
+    monkeypatch.setattr(
+        runtime, "is_int8pack_available", lambda device_type="cpu": False
+    )
+    monkeypatch.setattr(runtime, "_import_bnb", no_bnb)
     model = copy.deepcopy(llama)
     with pytest.raises(Int8UnavailableError, match="cannot run on cpu"):
         quantize_model(model, "auto")
