@@ -7,6 +7,8 @@ catch either.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class LLMProdError(Exception):
     """Base class of every error llmprod raises on purpose."""
@@ -56,8 +58,10 @@ class RequestFailedError(LLMProdError, RuntimeError):
         self.request_id = request_id
 
 
-class RateLimitedError(LLMProdError):
+class RateLimited(LLMProdError):
     """A tenant went over one of its limits.
+
+    Also importable as :data:`RateLimitedError`, a deprecated alias of this class.
 
     Attributes:
         retry_after: seconds after which the same request may succeed.
@@ -74,6 +78,11 @@ class RateLimitedError(LLMProdError):
         self.limit = limit
 
 
+RateLimitedError = RateLimited
+"""Deprecated alias of :class:`RateLimited` (the same class object); new code
+should say ``RateLimited``."""
+
+
 class GuardBlockedError(InvalidRequestError):
     """A safety guard blocked the prompt or the output.
 
@@ -83,12 +92,8 @@ class GuardBlockedError(InvalidRequestError):
     """
 
     def __init__(
-        self, message: str, guard: str = "", findings: dict | None = None
+        self, message: str, guard: str = "", findings: dict[str, Any] | None = None
     ) -> None:
         super().__init__(message, field="prompt")
         self.guard = guard
         self.findings = findings or {}
-
-
-# Short aliases, the names DESIGN.md uses.
-RateLimited = RateLimitedError

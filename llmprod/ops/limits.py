@@ -1,7 +1,7 @@
 """Per-tenant limits: :class:`Throttle` admits a request or refuses it.
 
 A :class:`Throttle` admits a request for a tenant or refuses it with
-:class:`~llmprod.errors.RateLimitedError` and the time after which the same request
+:class:`~llmprod.errors.RateLimited` and the time after which the same request
 would pass. Four limits, each optional, per tenant:
 
 - ``requests_per_second``: a token bucket of requests, refilled continuously at
@@ -24,8 +24,9 @@ recent tickets less the age of its oldest ticket in flight, at least
 :data:`MIN_RETRY_AFTER_S`; before any ticket was released, the age of the oldest
 ticket in flight. A budget spent with no window gives ``retry_after = inf``.
 
+Each tenant's buckets and counters are a :class:`~llmprod.ops.buckets.TenantState`.
 The scheduler's fair waiting queue across tenants lives in
-:mod:`llmprod.sched.fair_queue`.
+:mod:`llmprod.sched.fair_queue` (``FairQueue`` is still importable from here).
 """
 
 from __future__ import annotations
@@ -35,22 +36,31 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from llmprod.errors import InvalidRequestError, RateLimitedError
+from llmprod.errors import InvalidRequestError, RateLimited
+from llmprod.ops.buckets import (
+    LIMIT_NAMES,
+    MIN_RETRY_AFTER_S,
+    TenantState,
+    TenantUsage,
+)
+from llmprod.ops.checks import is_int, is_number
 
-LIMIT_NAMES = ("requests_per_second", "tokens_per_minute", "max_concurrent", "budget")
-"""The limit names a :class:`RateLimitedError` carries in ``limit``."""
+if TYPE_CHECKING:
+    from llmprod.sched.fair_queue import FairQueue
 
-MIN_RETRY_AFTER_S = 0.01
-"""Floor of an estimated ``retry_after`` (``max_concurrent``, in-flight budget)."""
-
-_HOLD_EWMA_ALPHA = 0.2
-"""Weight of the newest hold time in the running mean behind the estimates."""
-
-_EPS = 1e-9
-"""Slack on bucket levels, so float rounding after an exact wait cannot refuse."""
+__all__ = [
+    "LIMIT_NAMES",
+    "MIN_RETRY_AFTER_S",
+    "UNLIMITED",
+    "FairQueue",
+    "TenantLimits",
+    "TenantUsage",
+    "Throttle",
+    "Ticket",
+]
 
 
 # ---------------------------------------------------------------------- limits
@@ -75,20 +85,20 @@ class TenantLimits:
 
     def __post_init__(self) -> None:
         rps = self.requests_per_second
-        if rps is not None and not (_is_number(rps) and 0 < rps < math.inf):
+        if rps is not None and not (is_number(rps) and 0 < rps < math.inf):
             raise ValueError(f"requests_per_second={rps!r} must be a finite number > 0")
         tpm = self.tokens_per_minute
-        if tpm is not None and not (_is_int(tpm) and tpm >= 1):
+        if tpm is not None and not (is_int(tpm) and tpm >= 1):
             raise ValueError(f"tokens_per_minute={tpm!r} must be an int >= 1")
         mc = self.max_concurrent
-        if mc is not None and not (_is_int(mc) and mc >= 1):
+        if mc is not None and not (is_int(mc) and mc >= 1):
             raise ValueError(f"max_concurrent={mc!r} must be an int >= 1")
         b = self.budget
-        if b is not None and not (_is_number(b) and 0 <= b < math.inf):
+        if b is not None and not (is_number(b) and 0 <= b < math.inf):
             raise ValueError(f"budget={b!r} must be a finite number >= 0")
         burst = self.max_request_burst
         if burst is not None:
-            if not (_is_int(burst) and burst >= 1):
+            if not (is_int(burst) and burst >= 1):
                 raise ValueError(f"max_request_burst={burst!r} must be an int >= 1")
             if rps is None:
                 raise ValueError(
@@ -96,7 +106,7 @@ class TenantLimits:
                 )
         p = self.budget_period_s
         if p is not None:
-            if not (_is_number(p) and 0 < p < math.inf):
+            if not (is_number(p) and 0 < p < math.inf):
                 raise ValueError(f"budget_period_s={p!r} must be a finite number > 0")
             if b is None:
                 raise ValueError(f"budget_period_s={p} needs a budget (it is None)")
@@ -155,6 +165,7 @@ class Ticket:
 
     @property
     def is_released(self) -> bool:
+        """True once :meth:`release` has run."""
         return self._released
 
     def release(self, tokens_used: int, cost: float = 0.0) -> None:
@@ -171,70 +182,15 @@ class Ticket:
         Raises:
             ValueError: a negative ``tokens_used`` or ``cost``.
         """
-        if not (_is_int(tokens_used) and tokens_used >= 0):
+        if not (is_int(tokens_used) and tokens_used >= 0):
             raise ValueError(f"tokens_used={tokens_used!r} must be an int >= 0")
-        if not (_is_number(cost) and 0 <= cost < math.inf):
+        if not (is_number(cost) and 0 <= cost < math.inf):
             raise ValueError(f"cost={cost!r} must be a finite number >= 0")
         self._throttle._release(self, tokens_used, float(cost))
 
     def __repr__(self) -> str:
         state = "released" if self._released else "held"
         return f"Ticket(tenant={self.tenant!r}, tokens={self.tokens}, {state})"
-
-
-@dataclass(slots=True, eq=False)
-class _TenantState:
-    limits: TenantLimits
-    created_at: float
-    last_refill: float
-    request_level: float
-    token_level: float
-    in_flight: dict[int, float] = field(default_factory=dict)
-    """Ticket serial -> admission time, in admission order (a dropped ticket
-    still holds its slot: release it)."""
-    reserved_cost: float = 0.0
-    spend: float = 0.0
-    period_index: int = 0
-    period_spend: float = 0.0
-    hold_mean_s: float | None = None
-    num_admitted: int = 0
-    num_tokens_used: int = 0
-    rejected: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(LIMIT_NAMES, 0)
-    )
-
-    def refill(self, now: float) -> None:
-        dt = max(now - self.last_refill, 0.0)
-        self.last_refill = max(now, self.last_refill)
-        lim = self.limits
-        if lim.requests_per_second is not None:
-            self.request_level = min(
-                lim.request_burst, self.request_level + dt * lim.requests_per_second
-            )
-        if lim.tokens_per_minute is not None:
-            self.token_level = min(
-                float(lim.tokens_per_minute),
-                self.token_level + dt * lim.tokens_per_minute / 60.0,
-            )
-        if lim.budget_period_s is not None:
-            index = int((now - self.created_at) // lim.budget_period_s)
-            if index != self.period_index:
-                self.period_index = index
-                self.period_spend = 0.0
-
-    def budget_spent(self) -> float:
-        return (
-            self.period_spend if self.limits.budget_period_s is not None else self.spend
-        )
-
-    def in_flight_retry(self, now: float) -> float:
-        """Estimated seconds until one of the tenant's tickets is released."""
-        if not self.in_flight:
-            return MIN_RETRY_AFTER_S
-        oldest_age = now - next(iter(self.in_flight.values()))
-        if self.hold_mean_s is None:
-            return max(oldest_age, MIN_RETRY_AFTER_S)
-        return max(self.hold_mean_s - oldest_age, MIN_RETRY_AFTER_S)
 
 
 # ---------------------------------------------------------------------- throttle
@@ -250,7 +206,7 @@ class Throttle:
     >>> first, second = throttle.admit("a", 10), throttle.admit("a", 10)
     >>> try:
     ...     throttle.admit("a", 10)
-    ... except RateLimitedError as exc:
+    ... except RateLimited as exc:
     ...     print(exc.limit, exc.retry_after)
     requests_per_second 0.5
 
@@ -285,7 +241,7 @@ class Throttle:
         self._clock = clock
         self._sleep = sleep
         self._cond = threading.Condition(threading.Lock())
-        self._tenants: dict[str, _TenantState] = {}
+        self._tenants: dict[str, TenantState] = {}
         self._serials = itertools.count()
 
     # -- configuration -----------------------------------------------------------
@@ -304,17 +260,7 @@ class Throttle:
                 self._limits[tenant] = limits
             st = self._tenants.get(tenant)
             if st is not None:
-                now = self._clock()
-                st.refill(now)
-                new = self._limits.get(tenant, self._default)
-                st.limits = new
-                st.request_level = min(st.request_level, new.request_burst)
-                if new.tokens_per_minute is not None:
-                    st.token_level = min(st.token_level, float(new.tokens_per_minute))
-                else:
-                    st.token_level = math.inf
-                if new.requests_per_second is None:
-                    st.request_level = math.inf
+                st.set_limits(self._limits.get(tenant, self._default), self._clock())
             self._cond.notify_all()
 
     # -- admission ---------------------------------------------------------------
@@ -344,7 +290,7 @@ class Throttle:
             A :class:`Ticket`; release it when the request ends.
 
         Raises:
-            RateLimitedError: over a limit (``limit`` names it; ``retry_after`` is
+            RateLimited: over a limit (``limit`` names it; ``retry_after`` is
                 the wait after which the same request would pass, see the module
                 docstring).
             InvalidRequestError: ``tokens`` exceeds the tenant's whole per-minute
@@ -352,13 +298,13 @@ class Throttle:
             ValueError: a negative ``tokens``, ``wait_timeout`` or
                 ``estimated_cost``.
         """
-        if not (_is_int(tokens) and tokens >= 0):
+        if not (is_int(tokens) and tokens >= 0):
             raise ValueError(f"tokens={tokens!r} must be an int >= 0")
         if wait_timeout is not None and not (
-            _is_number(wait_timeout) and wait_timeout >= 0
+            is_number(wait_timeout) and wait_timeout >= 0
         ):
             raise ValueError(f"wait_timeout={wait_timeout!r} must be a number >= 0")
-        if not (_is_number(estimated_cost) and 0 <= estimated_cost < math.inf):
+        if not (is_number(estimated_cost) and 0 <= estimated_cost < math.inf):
             raise ValueError(f"estimated_cost={estimated_cost!r} must be a number >= 0")
         with self._cond:
             now = self._clock()
@@ -373,14 +319,16 @@ class Throttle:
                 )
             while True:
                 st.refill(now)
-                refusal = self._check(st, tokens, estimated_cost, now)
+                refusal = st.refusal(tokens, estimated_cost, now)
                 if refusal is None:
-                    return self._take(st, tenant, tokens, estimated_cost, now)
+                    serial = next(self._serials)
+                    st.take(serial, tokens, estimated_cost, now)
+                    return Ticket(self, tenant, tokens, estimated_cost, now, serial)
                 limit, retry_after, timed = refusal
                 left = None if deadline is None else deadline - now
                 if left is None or left <= 0 or (timed and retry_after > left):
                     st.rejected[limit] += 1
-                    raise RateLimitedError(
+                    raise RateLimited(
                         f"tenant {tenant!r} is over its {limit} limit "
                         f"({_describe(st.limits, limit)}); retry after "
                         f"{retry_after:.3f}s",
@@ -393,53 +341,6 @@ class Throttle:
                 self._wait(min(retry_after, left) if timed else left)
                 now = self._clock()
                 st = self._state(tenant, now)
-
-    def _check(
-        self, st: _TenantState, tokens: int, estimated_cost: float, now: float
-    ) -> tuple[str, float, bool] | None:
-        """None if the request passes; else (limit, retry_after, is_timed) of the
-        limit that takes longest to clear. ``is_timed``: the wait is known."""
-        lim = st.limits
-        refusals: list[tuple[str, float, bool]] = []
-        if lim.max_concurrent is not None and len(st.in_flight) >= lim.max_concurrent:
-            refusals.append(("max_concurrent", st.in_flight_retry(now), False))
-        if lim.budget is not None:
-            spent = st.budget_spent()
-            if spent >= lim.budget or spent + estimated_cost > lim.budget:
-                if lim.budget_period_s is None or estimated_cost > lim.budget:
-                    refusals.append(("budget", math.inf, True))
-                else:
-                    end = st.created_at + (st.period_index + 1) * lim.budget_period_s
-                    refusals.append(("budget", max(end - now, 0.0), True))
-            elif spent + st.reserved_cost + estimated_cost > lim.budget:
-                refusals.append(("budget", st.in_flight_retry(now), False))
-        if lim.requests_per_second is not None and st.request_level < 1.0 - _EPS:
-            wait = (1.0 - st.request_level) / lim.requests_per_second
-            refusals.append(("requests_per_second", wait, True))
-        if lim.tokens_per_minute is not None and st.token_level < tokens - _EPS:
-            wait = (tokens - st.token_level) * 60.0 / lim.tokens_per_minute
-            refusals.append(("tokens_per_minute", wait, True))
-        if not refusals:
-            return None
-        return max(refusals, key=lambda r: r[1])
-
-    def _take(
-        self,
-        st: _TenantState,
-        tenant: str,
-        tokens: int,
-        estimated_cost: float,
-        now: float,
-    ) -> Ticket:
-        if st.limits.requests_per_second is not None:
-            st.request_level -= 1.0
-        if st.limits.tokens_per_minute is not None:
-            st.token_level -= tokens
-        st.reserved_cost += estimated_cost
-        st.num_admitted += 1
-        ticket = Ticket(self, tenant, tokens, estimated_cost, now, next(self._serials))
-        st.in_flight[ticket._serial] = now
-        return ticket
 
     def _wait(self, seconds: float) -> None:
         seconds = min(max(seconds, 0.0), threading.TIMEOUT_MAX)
@@ -458,44 +359,18 @@ class Throttle:
                 return
             ticket._released = True
             now = self._clock()
-            st = self._state(ticket.tenant, now)
-            st.refill(now)
-            st.in_flight.pop(ticket._serial, None)
-            hold = max(now - ticket.admitted_at, 0.0)
-            st.hold_mean_s = (
-                hold
-                if st.hold_mean_s is None
-                else (1 - _HOLD_EWMA_ALPHA) * st.hold_mean_s + _HOLD_EWMA_ALPHA * hold
-            )
-            if st.limits.tokens_per_minute is not None:
-                st.token_level = min(
-                    float(st.limits.tokens_per_minute),
-                    st.token_level + ticket.tokens - tokens_used,
-                )
-            st.reserved_cost = max(st.reserved_cost - ticket.estimated_cost, 0.0)
-            st.spend += cost
-            st.period_spend += cost
-            st.num_tokens_used += tokens_used
+            self._state(ticket.tenant, now).give_back(ticket, tokens_used, cost, now)
             self._cond.notify_all()
 
-    def _state(self, tenant: str, now: float) -> _TenantState:
+    def _state(self, tenant: str, now: float) -> TenantState:
         st = self._tenants.get(tenant)
         if st is None:
             lim = self._limits.get(tenant, self._default)
-            st = _TenantState(
-                limits=lim,
-                created_at=now,
-                last_refill=now,
-                request_level=lim.request_burst,
-                token_level=math.inf
-                if lim.tokens_per_minute is None
-                else float(lim.tokens_per_minute),
-            )
-            self._tenants[tenant] = st
+            st = self._tenants[tenant] = TenantState.new(lim, now)
         return st
 
     # -- reporting ---------------------------------------------------------------
-    def snapshot(self) -> dict[str, dict[str, Any]]:
+    def snapshot(self) -> dict[str, TenantUsage]:
         """Usage per tenant seen so far, as plain values.
 
         Returns:
@@ -506,21 +381,7 @@ class Throttle:
         """
         with self._cond:
             now = self._clock()
-            out: dict[str, dict[str, Any]] = {}
-            for tenant, st in self._tenants.items():
-                st.refill(now)
-                budget = st.limits.budget
-                out[tenant] = {
-                    "admitted": st.num_admitted,
-                    "in_flight": len(st.in_flight),
-                    "tokens_used": st.num_tokens_used,
-                    "spend": st.spend,
-                    "budget_left": None
-                    if budget is None
-                    else max(budget - st.budget_spent(), 0.0),
-                    "rejected": dict(st.rejected),
-                }
-            return out
+            return {tenant: st.usage(now) for tenant, st in self._tenants.items()}
 
 
 def _describe(lim: TenantLimits, limit: str) -> str:
@@ -529,9 +390,11 @@ def _describe(lim: TenantLimits, limit: str) -> str:
     return f"{limit}={getattr(lim, limit)}"
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
+def __getattr__(name: str) -> type[FairQueue]:
+    """``FairQueue`` moved to :mod:`llmprod.sched.fair_queue`; still served here
+    (imported on first use) for ``from llmprod.throttle import FairQueue``."""
+    if name == "FairQueue":
+        from llmprod.sched.fair_queue import FairQueue
 
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+        return FairQueue
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

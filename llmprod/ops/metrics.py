@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 PERCENTILES = (50, 90, 95, 99)
+"""The percentiles of every latency metric."""
 
 
 def percentiles(samples: list[float] | deque[float]) -> dict[str, float | None]:
@@ -27,17 +28,16 @@ def percentiles(samples: list[float] | deque[float]) -> dict[str, float | None]:
 
 
 def process_rss_bytes() -> int:
-    """Resident set size of this process."""
+    """Resident set size of this process (the peak where ``/proc`` is missing)."""
     try:
         with open("/proc/self/statm") as fh:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:  # not Linux
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+        return peak_rss_bytes()
 
 
 def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (``ru_maxrss``, read as KiB)."""
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
@@ -67,12 +67,15 @@ class MetricsSnapshot:
     """model, device, dtype, attention backend, quantization."""
     cost: dict[str, float] = field(default_factory=dict)
     """total cost of finished requests (from the engine's price table)."""
-    tenants: dict[str, dict[str, float]] = field(default_factory=dict)
-    """per tenant: submitted, completed, aborted, errored, tokens, cost."""
+    tenants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """per tenant: submitted, completed, aborted, errored, prompt_tokens,
+    completion_tokens, cost; and ``throttle`` (its
+    :meth:`~llmprod.ops.limits.Throttle.snapshot` row) when limits are set."""
     cache: dict[str, Any] = field(default_factory=dict)
     """response-cache hits per tier, misses and backend errors."""
 
     def to_dict(self) -> dict[str, Any]:
+        """The snapshot as nested dicts of plain values (ready for ``json.dumps``)."""
         return asdict(self)
 
 

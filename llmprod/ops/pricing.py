@@ -119,7 +119,7 @@ class PriceTable:
         return cls(**values)
 
 
-def _check_price(name: str, value: Any) -> None:
+def _check_price(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
     if not math.isfinite(value) or value < 0:

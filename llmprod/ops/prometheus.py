@@ -172,9 +172,8 @@ class SnapshotCollector:
     def _families(self, snapshot: Mapping[str, Any]) -> list[_Family]:
         """The families one snapshot maps to (no prometheus-client objects)."""
         out: dict[str, _Family] = {}
-        claims: dict[
-            str, str
-        ] = {}  # metric and sample names -> the path that took them
+        # metric and sample names -> the path that took them
+        claims: dict[str, str] = {}
         self._walk(snapshot, [], {}, [], out, claims)
         return list(out.values())
 
@@ -199,14 +198,14 @@ class SnapshotCollector:
             if isinstance(value, Mapping):
                 if _is_quantiles(value):
                     for q, v in value.items():
-                        if _is_number(v):
+                        if _is_sample(v):
                             q_labels = {**c_labels, "quantile": _quantile(str(q))}
                             self._add(out, claims, c_name, "gauge", c_path, q_labels, v)
                 else:
                     self._walk(value, c_name, c_labels, c_path, out, claims)
             elif isinstance(value, bool):
                 self._add(out, claims, c_name, "gauge", c_path, c_labels, float(value))
-            elif _is_number(value):
+            elif _is_sample(value):
                 kind = "counter" if self._is_counter(c_path) else "gauge"
                 self._add(out, claims, c_name, kind, c_path, c_labels, float(value))
             elif isinstance(value, str) and label is None:
@@ -273,7 +272,7 @@ class SnapshotCollector:
             )
 
 
-def render(snapshot_fn: Callable[[], Any], **kwargs: Any) -> str:
+def render(snapshot_fn: Callable[[], Any] | Mapping[str, Any], **kwargs: Any) -> str:
     """The text exposition of one snapshot.
 
     Args:
@@ -286,8 +285,7 @@ def render(snapshot_fn: Callable[[], Any], **kwargs: Any) -> str:
     """
     client = _client()
     fn = snapshot_fn if callable(snapshot_fn) else (lambda: snapshot_fn)
-    registry = client.CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(fn, **kwargs))
+    registry = _own_registry(client, fn, kwargs)
     return str(client.generate_latest(registry).decode("utf-8"))
 
 
@@ -327,10 +325,18 @@ def start_http_server(
         stops it.
     """
     client = _client()
-    registry = client.CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(snapshot_fn, **kwargs))
+    registry = _own_registry(client, snapshot_fn, kwargs)
     server, thread = client.start_http_server(port, addr=addr, registry=registry)
     return server, thread
+
+
+def _own_registry(
+    client: Any, snapshot_fn: Callable[[], Any], kwargs: dict[str, Any]
+) -> Any:
+    """A registry that holds this collector only."""
+    registry = client.CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(snapshot_fn, **kwargs))
+    return registry
 
 
 def _as_dict(snapshot: Any) -> Mapping[str, Any]:
@@ -359,7 +365,8 @@ def _quantile(key: str) -> str:
     return format(q, "f")
 
 
-def _is_number(x: Any) -> bool:
+def _is_sample(x: object) -> bool:
+    """A value to export: an int or a float (NaN and infinities too), not a bool."""
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
