@@ -2,6 +2,7 @@
 
 - :func:`bleu` and :func:`sentence_bleu` score outputs against references with
   sacrebleu (the optional extra ``llmprod[quality]``; imported only when called).
+  They live in :mod:`llmprod.eval.bleu` and are re-exported here.
 - :func:`semantic_similarity` is the cosine of all-MiniLM-L6-v2 sentence vectors
   (:class:`~llmprod.answers.embeddings.Embedder`), pair by pair: 1.0 for the same meaning,
   around 0 for unrelated texts.
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from llmprod.eval.bleu import QUALITY_PIP, bleu, sentence_bleu
 from llmprod.outputs import Completion
 from llmprod.sampling_params import SamplingParams
 
@@ -42,100 +44,8 @@ __all__ = [
     "sentence_bleu",
 ]
 
-QUALITY_PIP = "pip install 'llmprod[quality]'"
-
 _default_embedder: Embedder | None = None
 _default_embedder_lock = threading.Lock()
-
-
-# --------------------------------------------------------------------------- BLEU
-def _sacrebleu() -> Any:
-    try:
-        import sacrebleu
-    except ImportError as exc:
-        raise ImportError(
-            f"BLEU needs the sacrebleu package; install it with: {QUALITY_PIP}"
-        ) from exc
-    return sacrebleu
-
-
-def _reference_streams(
-    references: Sequence[str] | Sequence[Sequence[str]], n: int
-) -> list[list[str]]:
-    """Turn one reference per hypothesis, or a list of them each, into the
-    reference streams sacrebleu takes (stream k holds every hypothesis's k-th)."""
-    if len(references) != n:
-        raise ValueError(
-            f"references has {len(references)} entries for {n} hypotheses; "
-            "pass one reference (or one list of references) per hypothesis"
-        )
-    if all(isinstance(r, str) for r in references):
-        return [[str(r) for r in references]]
-    per_hyp: list[list[str]] = []
-    for i, r in enumerate(references):
-        refs = [r] if isinstance(r, str) else list(r)
-        if not refs or not all(isinstance(x, str) for x in refs):
-            raise ValueError(
-                f"references[{i}] must be a str or a non-empty list of str"
-            )
-        per_hyp.append(refs)
-    k = len(per_hyp[0])
-    if any(len(refs) != k for refs in per_hyp):
-        raise ValueError(
-            "every hypothesis needs the same number of references; got "
-            f"{sorted({len(refs) for refs in per_hyp})}"
-        )
-    return [[refs[j] for refs in per_hyp] for j in range(k)]
-
-
-def bleu(
-    hypotheses: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]]
-) -> float:
-    """Corpus BLEU (0-100) of ``hypotheses`` against ``references``, by sacrebleu.
-
-    sacrebleu's defaults apply: 13a tokenisation, case-sensitive, exponential
-    smoothing, n-grams up to 4. Corpus BLEU pools n-gram counts over all pairs
-    before taking the geometric mean, so it is not the mean of sentence BLEUs.
-
-    Args:
-        hypotheses: the texts to score.
-        references: one reference per hypothesis, or for each hypothesis a list
-            of references (the same number for all).
-
-    Returns:
-        The BLEU score, from 0 (nothing shared) to 100 (identical).
-
-    Raises:
-        ImportError: sacrebleu is not installed (the message gives the pip line).
-        ValueError: empty input, or the counts do not line up.
-    """
-    hyps = list(hypotheses)
-    if not hyps:
-        raise ValueError("bleu needs at least one hypothesis")
-    streams = _reference_streams(references, len(hyps))
-    return float(_sacrebleu().corpus_bleu(hyps, streams).score)
-
-
-def sentence_bleu(hypothesis: str, references: str | Sequence[str]) -> float:
-    """BLEU (0-100) of one text against one or more references, by sacrebleu.
-
-    Uses sacrebleu's sentence-level settings (effective n-gram order, so a short
-    text that matches exactly still scores 100).
-
-    Args:
-        hypothesis: the text to score.
-        references: one reference or a list of them.
-
-    Returns:
-        The BLEU score, from 0 to 100.
-
-    Raises:
-        ImportError: sacrebleu is not installed (the message gives the pip line).
-    """
-    refs = [references] if isinstance(references, str) else list(references)
-    if not refs:
-        raise ValueError("sentence_bleu needs at least one reference")
-    return float(_sacrebleu().sentence_bleu(hypothesis, refs).score)
 
 
 # --------------------------------------------------------------------- similarity
