@@ -10,6 +10,20 @@ from llmprod.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
 
+MIN_TEMPERATURE = 1e-5
+"""Temperatures below this sample greedily (dividing logits by less overflows)."""
+
+SEED_RANGE = (-(2**63), 2**64)
+"""Seeds a generator takes: ``SEED_RANGE[0] <= seed < SEED_RANGE[1]``."""
+
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+"""Bounds of ``repetition_penalty`` (beyond them logits overflow or vanish)."""
+
+MIN_TOP_P = 1e-8
+"""Smallest ``top_p``; smaller values would keep the top token alone anyway."""
+
+_BOOL_FIELDS = ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens")
+
 
 def _fail(name: str, value: Any, allowed: str) -> InvalidRequestError:
     return InvalidRequestError(f"{name}={value!r} is invalid: {allowed}", field=name)
@@ -31,7 +45,7 @@ class SamplingParams:
     min_tokens: int = 0
     """EOS and stop tokens are suppressed until this many tokens are generated."""
     temperature: float = 1.0
-    """Softmax temperature; 0 means greedy (argmax)."""
+    """Softmax temperature; 0 (or anything below 1e-5) means greedy (argmax)."""
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose mass is >= top_p."""
     top_k: int | None = None
@@ -63,12 +77,16 @@ class SamplingParams:
             set_(self, "stop", (self.stop,))
         elif self.stop is None:
             set_(self, "stop", ())
-        else:
+        elif isinstance(self.stop, (list, tuple)):
             set_(self, "stop", tuple(self.stop))
+        else:
+            raise _fail("stop", self.stop, "must be a str or a list of str")
         if self.stop_token_ids is None:
             set_(self, "stop_token_ids", ())
-        else:
+        elif isinstance(self.stop_token_ids, (list, tuple)):
             set_(self, "stop_token_ids", tuple(self.stop_token_ids))
+        else:
+            raise _fail("stop_token_ids", self.stop_token_ids, "must be a list of int")
         if self.top_k in (0, -1):
             set_(self, "top_k", None)
         self._validate()
@@ -85,18 +103,25 @@ class SamplingParams:
                 f"must be <= max_tokens={self.max_tokens}",
             )
         t = self.temperature
-        if not isinstance(t, (int, float)) or math.isnan(t) or math.isinf(t) or t < 0:
+        if not _is_number(t) or math.isinf(t) or t < 0:
             raise _fail("temperature", t, "must be a finite number >= 0")
         p = self.top_p
-        if not isinstance(p, (int, float)) or math.isnan(p) or not 0 < p <= 1:
-            raise _fail("top_p", p, "must be in (0, 1]")
+        if not _is_number(p) or not MIN_TOP_P <= p <= 1:
+            raise _fail("top_p", p, f"must be a number in [{MIN_TOP_P}, 1]")
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
             raise _fail("top_k", self.top_k, "must be an integer >= 1, or -1/0/None")
-        if self.seed is not None and not _is_int(self.seed):
-            raise _fail("seed", self.seed, "must be an integer or None")
+        lo, hi = SEED_RANGE
+        if self.seed is not None and (
+            not _is_int(self.seed) or not lo <= self.seed < hi
+        ):
+            raise _fail(
+                "seed", self.seed, "must be None or an integer in [-2**63, 2**64)"
+            )
         for s in self.stop:
             if not isinstance(s, str) or s == "":
                 raise _fail("stop", s, "each stop string must be a non-empty str")
+            if not _is_utf8(s):
+                raise _fail("stop", s, "each stop string must be valid Unicode text")
         for t_id in self.stop_token_ids:
             if not _is_int(t_id) or t_id < 0:
                 raise _fail(
@@ -107,13 +132,22 @@ class SamplingParams:
             if v is not None and (not _is_int(v) or not 0 <= v <= MAX_LOGPROBS):
                 raise _fail(name, v, f"must be an integer in [0, {MAX_LOGPROBS}]")
         r = self.repetition_penalty
-        if not isinstance(r, (int, float)) or math.isnan(r) or math.isinf(r) or r <= 0:
-            raise _fail("repetition_penalty", r, "must be a finite number > 0")
+        r_lo, r_hi = REPETITION_PENALTY_RANGE
+        if not _is_number(r) or not r_lo <= r <= r_hi:
+            raise _fail(
+                "repetition_penalty", r, f"must be a number in [{r_lo}, {r_hi}]"
+            )
+        for name in _BOOL_FIELDS:
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise _fail(name, v, "must be True or False")
+        if not isinstance(self.extra, dict):
+            raise _fail("extra", self.extra, "must be a dict")
 
     @property
     def is_greedy(self) -> bool:
-        """True when the output is argmax at every step."""
-        return self.temperature == 0
+        """True when the output is argmax at every step (temperature below 1e-5)."""
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def is_deterministic(self) -> bool:
@@ -133,3 +167,17 @@ class SamplingParams:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    """A real int or float (not a bool, not NaN)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def _is_utf8(s: str) -> bool:
+    """False for strings holding lone surrogates (no tokenizer can encode them)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -17,7 +17,7 @@ from llmprod.errors import (
     InvalidRequestError,
     RequestFailedError,
 )
-from tests.conftest import assert_pool_whole, wait_idle
+from tests.helpers import assert_pool_whole, wait_idle
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
 
@@ -109,12 +109,16 @@ def test_pool_limits(make_engine: Any) -> None:
     assert eng.scheduler.running == [] and not eng.scheduler.waiting
 
 
-def test_forward_fault_fails_only_that_step(make_engine: Any) -> None:
-    # F7: the model raises once (injected: no real fault makes a forward pass
-    # fail on demand). Requests of that step get RequestFailedError, blocks
-    # return, and the next requests succeed.
+def test_a_transient_forward_fault_is_retried_request_by_request(
+    make_engine: Any,
+) -> None:
+    # F7: the model raises once mid-batch (injected: no real fault makes a
+    # forward pass fail on demand). The engine runs that step's requests one at
+    # a time: none is lost, each gets exactly its solo tokens, blocks return.
     eng = make_engine(kv_cache_memory="128MiB")
-    expected = eng.generate("After the fault", GREEDY)[0].token_ids
+    prompts = ["one", "two", "three"]
+    params = SamplingParams(max_tokens=6, temperature=0)
+    expected = [eng.generate(p, params)[0].token_ids for p in prompts]
     model = eng.runner.model
     original = model.forward
     calls = {"n": 0}
@@ -126,17 +130,45 @@ def test_forward_fault_fails_only_that_step(make_engine: Any) -> None:
         return original(*args, **kwargs)
 
     model.forward = flaky
-    outs = eng.generate(
-        ["one", "two", "three"],
-        SamplingParams(max_tokens=6, temperature=0),
-        return_exceptions=True,
-    )
-    assert all(isinstance(o, RequestFailedError) for o in outs)
-    assert "injected fault" in str(outs[0])
+    try:
+        outs = eng.generate(prompts, params)
+    finally:
+        model.forward = original
+    assert calls["n"] > 3
+    assert [o.token_ids for o in outs] == expected
     assert_pool_whole(eng)
-    assert eng.generate("After the fault", GREEDY)[0].token_ids == expected
     m = eng.metrics().requests
-    assert m["errored"] == 3 and m["submitted"] == m["completed"] + m["errored"]
+    assert m["errored"] == 0 and m["submitted"] == m["completed"]
+
+
+def test_a_persistent_forward_fault_fails_only_its_request(make_engine: Any) -> None:
+    # The forward pass raises whenever one poisoned request is in the batch
+    # (injected): only that request fails, typed; the others get their solo
+    # tokens.
+    eng = make_engine(kv_cache_memory="128MiB")
+    params = SamplingParams(max_tokens=6, temperature=0)
+    poison = eng.tokenizer.encode("Zanzibar xylophone quartz")
+    expected = {p: eng.generate(p, params)[0].token_ids for p in ["one", "two"]}
+    model = eng.runner.model
+    original = model.forward
+
+    def poisoned(input_ids: Any, *args: Any, **kwargs: Any) -> Any:
+        ids, n = input_ids.tolist(), len(poison)
+        if any(ids[i : i + n] == poison for i in range(len(ids) - n + 1)):
+            raise RuntimeError("injected fault")
+        return original(input_ids, *args, **kwargs)
+
+    model.forward = poisoned
+    try:
+        outs = eng.generate(["one", poison, "two"], params, return_exceptions=True)
+    finally:
+        model.forward = original
+    assert isinstance(outs[1], RequestFailedError) and "injected fault" in str(outs[1])
+    assert outs[0].token_ids == expected["one"]
+    assert outs[2].token_ids == expected["two"]
+    assert_pool_whole(eng)
+    m = eng.metrics().requests
+    assert m["errored"] == 1 and m["submitted"] == m["completed"] + m["errored"]
 
 
 def test_abandoned_streams_abort_within_a_step(engine: Engine) -> None:
@@ -206,13 +238,13 @@ def test_close_with_requests_in_flight_and_twice(make_engine: Any) -> None:
     t.join(timeout=30)
     assert not t.is_alive()
     assert [o.finish_reason for o in box["outs"]] == ["abort", "abort"]
-    assert not eng._thread.is_alive()
+    assert not eng.core.thread.is_alive()
     eng.close()  # no-op
     assert eng.kv.pool.is_whole()
     with pytest.raises(EngineClosedError):
         eng.generate("late", GREEDY)
     assert not any(
-        th.name == "llmprod-engine" and th.is_alive() and th is eng._thread
+        th.name == "llmprod-engine" and th.is_alive() and th is eng.core.thread
         for th in threading.enumerate()
     )
 

@@ -9,6 +9,7 @@ at submit (:meth:`Admission.lookup`).
 from __future__ import annotations
 
 import itertools
+import logging
 import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,8 @@ from llmprod.ops.guards import apply_guards
 from llmprod.outputs import Completion
 from llmprod.sampling_params import SamplingParams
 from llmprod.sched.request import Request
+
+logger = logging.getLogger("llmprod")
 
 if TYPE_CHECKING:
     from llmprod.answers.caches import AnswerCaches
@@ -87,25 +90,40 @@ class Admission:
         return_exceptions: bool,
         wait_timeout: float | None = None,
     ) -> list[Request | LLMProdError]:
-        """Admit a batch: bad input raises here, naming its index, unless
-        ``return_exceptions`` keeps the error in its place."""
+        """Admit a batch: every prompt is validated before any takes a tenant
+        limit, so a bad prompt holds no slot or token budget. Bad input raises
+        here, naming its index, unless ``return_exceptions`` keeps the error in
+        its place; a refused limit gives back what the batch took."""
+        inputs.check_tenant(tenant)
         batch = inputs.as_prompt_list(prompts)
         plist = inputs.params_list(params, len(batch))
-        out: list[Request | LLMProdError] = []
+        built: list[Request | LLMProdError] = []
         for i, (p, sp) in enumerate(zip(batch, plist)):
             try:
-                out.append(self.admit(p, sp, tenant, wait_timeout))
-            except (InvalidRequestError, RateLimited) as exc:
-                if return_exceptions:
-                    out.append(exc)
+                built.append(self.build(p, sp, tenant))
+            except InvalidRequestError as exc:
+                if not return_exceptions:
+                    if len(batch) > 1:
+                        raise type(exc)(f"prompts[{i}]: {exc}", exc.field) from exc
+                    raise
+                built.append(exc)
+        taken: list[Request] = []
+        try:
+            for i, r in enumerate(built):
+                if not isinstance(r, Request):
                     continue
-                for r in out:  # nothing of this batch runs: give the slots back
-                    if isinstance(r, Request) and r.ticket is not None:
-                        r.ticket.release(0, 0.0)
-                if len(batch) > 1 and isinstance(exc, InvalidRequestError):
-                    raise type(exc)(f"prompts[{i}]: {exc}", exc.field) from exc
-                raise
-        return out
+                try:
+                    self.take_limits(r, wait_timeout)
+                    taken.append(r)
+                except RateLimited as exc:
+                    if not return_exceptions:
+                        raise
+                    built[i] = exc
+        except BaseException:
+            for r in taken:  # nothing of this batch runs: give the limits back
+                self.release(r)
+            raise
+        return built
 
     def admit(
         self,
@@ -115,12 +133,24 @@ class Admission:
         wait_timeout: float | None = None,
     ) -> Request:
         """Validate, guard, tokenize and admit one prompt or conversation."""
+        inputs.check_tenant(tenant)
+        req = self.build(prompt, params, tenant)
+        self.take_limits(req, wait_timeout)
+        return req
+
+    def build(
+        self, prompt: Prompt | Sequence[Message], params: SamplingParams, tenant: str
+    ) -> Request:
+        """A validated request, before limits: raises InvalidRequestError (or
+        EngineClosedError), with no side effect."""
         if self.is_closed:
             raise EngineClosedError("the engine is closed")
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(
                 f"params must be SamplingParams, got {type(params).__name__}", "params"
             )
+        inputs.check_prompt(prompt)
+        inputs.check_stop_token_ids(params, self.vocab_size)
         text = context = None
         flags: dict[str, Any] = {}
         if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
@@ -129,7 +159,7 @@ class Admission:
             if self.guards:
                 messages, flags = self._guard_messages(messages)
             ids = self.render_chat(messages)
-            text, context = conversation_text(messages)  # type: ignore[arg-type]
+            text, context = conversation_text(messages)
         else:
             ids = inputs.prompt_token_ids(prompt, self.tokenizer, self.vocab_size)  # type: ignore[arg-type]
             text = prompt if isinstance(prompt, str) else None
@@ -149,14 +179,30 @@ class Admission:
             req.generator = seeded_generator(params.seed, self.device)
         if flags:
             req.flags["guards"] = {"prompt": flags}
-        if self.throttle is not None:
-            prices = self.prices
-            estimate = prices.cost(len(ids), params.max_tokens) if prices else 0.0
-            req.ticket = self.throttle.admit(
-                tenant, len(ids) + params.max_tokens, wait_timeout,
-                estimated_cost=estimate,
-            )  # fmt: skip
         return req
+
+    def take_limits(self, req: Request, wait_timeout: float | None) -> None:
+        """Take the tenant's limits for a built request (raises RateLimited)."""
+        if self.throttle is None:
+            return
+        n = req.num_prompt_tokens
+        max_tokens = req.params.max_tokens
+        estimate = 0.0
+        if self.prices is not None:
+            try:
+                estimate = self.prices.cost(n, max_tokens)
+            except Exception as exc:  # a user's price table: only budgets lose it
+                logger.warning("price table failed to estimate a request: %r", exc)
+        req.ticket = self.throttle.admit(
+            req.tenant, n + max_tokens, wait_timeout, estimated_cost=estimate
+        )
+
+    @staticmethod
+    def release(req: Request) -> None:
+        """Give back the limits of a request that will not run."""
+        if req.ticket is not None:
+            req.ticket.release(0, 0.0)
+            req.ticket = None
 
     def lookup(self, req: Request) -> Completion | None:
         """The cached answer to an admitted request, if an answer cache has one."""

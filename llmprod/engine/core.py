@@ -17,12 +17,13 @@ from typing import Literal
 
 import torch
 
-from llmprod.engine.output import Handle, OutputProcessor
+from llmprod.engine.output import Handle, OutputProcessor, failed
 from llmprod.errors import RequestFailedError
 from llmprod.exec.runner import ModelRunner, StepResult
 from llmprod.exec.threads import run_on_compute_thread
 from llmprod.kv.manager import KVCacheManager
 from llmprod.ops.metrics import MetricsRecorder
+from llmprod.sched.request import Request
 from llmprod.sched.scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger("llmprod")
@@ -63,12 +64,12 @@ class EngineCore:
         """Requests in the loop, by id (only the loop thread touches it)."""
         self._inbox: queue.SimpleQueue[_Message] = queue.SimpleQueue()
         self._wakeup = threading.Event()
-        self._thread = threading.Thread(
+        self.thread = threading.Thread(
             target=self._loop, name="llmprod-engine", daemon=True
         )
 
     def start(self) -> None:
-        self._thread.start()
+        self.thread.start()
 
     # ------------------------------------------------------------------ the inbox
     def submit(self, h: Handle) -> None:
@@ -83,8 +84,8 @@ class EngineCore:
         """Abort what is in flight and stop the loop (waits for it)."""
         self._inbox.put(("close", None))
         self._wakeup.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join()
+        if self.thread is not threading.current_thread():
+            self.thread.join()
 
     def is_idle(self) -> bool:
         """No request is held: none in the loop, none waiting in the inbox."""
@@ -150,14 +151,40 @@ class EngineCore:
         if out.is_empty:
             return
         t0 = time.perf_counter()
+        rng = _generator_states(out)
         try:
             result = self._execute(out)
         except Exception as exc:
-            self._fail_step(out, exc)
+            for gen, state in rng:
+                gen.set_state(state)
+            self._isolate(out, exc)
             return
         self.scheduler.update(out)
         self._account(out, time.perf_counter() - t0)
         self._process(out, result)
+
+    def _isolate(self, out: SchedulerOutput, exc: Exception) -> None:
+        """The step raised: run its requests one at a time, so only the ones
+        whose own path raises fail; the others go on with the tokens they would
+        have produced alone (a seeded request's generator is rewound first)."""
+        if len(out.scheduled) == 1:
+            self._fail_step(out, exc)
+            return
+        logger.warning(
+            "a step of %d requests failed (%r); running them one at a time",
+            len(out.scheduled),
+            exc,
+        )
+        for part in out.split():
+            t0 = time.perf_counter()
+            try:
+                result = self._execute(part)
+            except Exception as part_exc:
+                self._fail_step(part, part_exc)
+                continue
+            self.scheduler.update(part)
+            self._account(part, time.perf_counter() - t0)
+            self._process(part, result)
 
     def _execute(self, out: SchedulerOutput) -> StepResult:
         if self.runner.device.type != "cpu":
@@ -187,15 +214,27 @@ class EngineCore:
         )
 
     def _process(self, out: SchedulerOutput, result: StepResult) -> None:
+        """Hand each request its part of the result; a request whose output
+        processing raises (detokenizer, a stream's sink) fails alone."""
         for idx, lps in result.prompt_logprobs:
-            self.output.add_prompt_logprobs(out.scheduled[idx].request, lps)
+            req = out.scheduled[idx].request
+            try:
+                self.output.add_prompt_logprobs(req, lps)
+            except Exception as exc:
+                self._fail_request(req, "processing its prompt log-probabilities", exc)
         now = time.monotonic()
         sampled = result.sampled
         for row, idx in enumerate(result.sampled_entries):
             req = out.scheduled[idx].request
-            h = self.handles[req.request_id]
+            h = self.handles.get(req.request_id)
+            if h is None or h.done:  # failed above
+                continue
             token = sampled.token_ids[row]
-            reason = self.output.add_token(h, token, sampled.logprobs[row], now)
+            try:
+                reason = self.output.add_token(h, token, sampled.logprobs[row], now)
+            except Exception as exc:
+                self._fail_request(req, "processing its output", exc)
+                continue
             if reason is not None:
                 self.scheduler.finish(req, reason)
                 self._end(h, reason, last_token_ids=[token])
@@ -215,6 +254,12 @@ class EngineCore:
         self.handles.pop(h.request.request_id, None)
         self.output.fail(h, err)
 
+    def _fail_request(self, req: Request, where: str, exc: Exception) -> None:
+        logger.exception("request %s failed %s", req.request_id, where)
+        h = self.handles.get(req.request_id)
+        if h is not None:
+            self._fail(h, failed(req, where, exc))
+
     def _fail_step(self, out: SchedulerOutput, exc: Exception) -> None:
         logger.error(
             "model forward failed; failing the %d requests of this step: %r",
@@ -225,8 +270,15 @@ class EngineCore:
             h = self.handles.get(e.request.request_id)
             self.scheduler.finish(e.request, "error")
             if h is not None:
-                err = RequestFailedError(
-                    f"request {e.request.request_id} failed in the model: {exc!r}",
-                    e.request.request_id,
-                )
-                self._fail(h, err)
+                self._fail(h, failed(e.request, "in the model", exc))
+
+
+def _generator_states(
+    out: SchedulerOutput,
+) -> list[tuple[torch.Generator, torch.Tensor]]:
+    """The state of each seeded request's generator before a step draws from it."""
+    return [
+        (e.request.generator, e.request.generator.get_state())
+        for e in out.scheduled
+        if e.request.generator is not None
+    ]

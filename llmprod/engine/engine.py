@@ -29,12 +29,13 @@ from llmprod.engine.core import EngineCore
 from llmprod.engine.inputs import Message, Prompt
 from llmprod.engine.loading import load_model, speed_up
 from llmprod.engine.output import Handle, OutputProcessor
-from llmprod.errors import EngineClosedError
+from llmprod.errors import EngineClosedError, UnsupportedModelError
 from llmprod.exec.runner import ModelRunner
 from llmprod.exec.threads import run_in_own_thread
 from llmprod.kv.manager import KVCacheManager
 from llmprod.layers.attention import get_attention_backend
 from llmprod.models.loader import eos_token_ids, max_model_len, pick_device
+from llmprod.models.protocol import PagedCausalLM
 from llmprod.ops.metrics import (
     MetricsRecorder,
     MetricsSnapshot,
@@ -89,6 +90,11 @@ class Engine:
         self.vocab_size = int(hf_config.vocab_size)
         self.max_model_len = max_model_len(hf_config, config.max_model_len)
         self.eos_token_ids = eos_token_ids(hf_config, tokenizer, model_path)
+        if not isinstance(model, PagedCausalLM):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} does not run on the paged KV cache (see "
+                "llmprod.models.protocol.PagedCausalLM); load it with from_pretrained"
+            )
         cc = config.cache_config
         self.backend = get_attention_backend(config.attention_backend, self.device)
         self.block_size: int = cc.block_size or self.backend.default_block_size

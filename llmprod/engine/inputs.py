@@ -17,21 +17,78 @@ Message = dict[str, Any]
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
-def as_prompt_list(prompts: Any) -> list[Prompt]:
-    """One prompt (a string or a list of token ids) or a list of them, as a list."""
+_PROMPT_KINDS = (
+    "a str, a list of int token ids, a list of chat messages (dicts), or a list of "
+    "those"
+)
+
+
+def as_prompt_list(prompts: Any) -> list[Any]:
+    """One prompt (a string or a list of token ids) or a list of them, as a list.
+
+    Only the shape is checked here: each element is checked by
+    :func:`check_prompt` (so ``return_exceptions`` can keep its error in place).
+    """
     if isinstance(prompts, str):
         return [prompts]
     if isinstance(prompts, (list, tuple)):
         if not prompts:
             raise InvalidRequestError("prompts is empty", "prompt")
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+        if all(_is_token(t) for t in prompts):
             return [list(prompts)]
+        if any(_is_token(t) for t in prompts):
+            raise InvalidRequestError(
+                "prompt mixes token ids with other values; pass one list of int "
+                "token ids, or a list of prompts",
+                "prompt",
+            )
         return list(prompts)
     raise InvalidRequestError(
-        "prompt must be a str, a list of token ids, or a list of those; got "
-        f"{type(prompts).__name__}",
-        "prompt",
+        f"prompt must be {_PROMPT_KINDS}; got {type(prompts).__name__}", "prompt"
     )
+
+
+def check_prompt(prompt: Any) -> None:
+    """One element of a batch is a str, a list of int token ids or a conversation."""
+    if isinstance(prompt, str):
+        if not is_valid_text(prompt):
+            raise InvalidRequestError(
+                "prompt holds a lone surrogate and is not valid Unicode text", "prompt"
+            )
+        return
+    if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
+        return  # a conversation: check_messages
+    if isinstance(prompt, (list, tuple)):
+        for j, t in enumerate(prompt):
+            if not _is_token(t):
+                raise InvalidRequestError(
+                    f"prompt token {j} is {t!r} ({type(t).__name__}), not an int",
+                    "prompt",
+                )
+        return
+    raise InvalidRequestError(
+        f"prompt must be {_PROMPT_KINDS}; got {type(prompt).__name__}", "prompt"
+    )
+
+
+def is_valid_text(s: str) -> bool:
+    """False for strings holding lone surrogates (no tokenizer can encode them)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_tenant(tenant: Any) -> None:
+    if not isinstance(tenant, str) or not tenant:
+        raise InvalidRequestError(
+            f"tenant must be a non-empty str, got {tenant!r}", "tenant"
+        )
+
+
+def _is_token(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)
 
 
 def params_list(
@@ -42,6 +99,12 @@ def params_list(
         return [SamplingParams()] * n
     if isinstance(params, SamplingParams):
         return [params] * n
+    if not isinstance(params, (list, tuple)):
+        raise InvalidRequestError(
+            "params must be SamplingParams, a list of SamplingParams or None; got "
+            f"{type(params).__name__}",
+            "params",
+        )
     plist = list(params)
     if len(plist) != n:
         raise InvalidRequestError(
@@ -81,6 +144,18 @@ def prompt_token_ids(prompt: Prompt, tokenizer: Any, vocab_size: int) -> list[in
                 "prompt",
             )
     return ids
+
+
+def check_stop_token_ids(params: SamplingParams, vocab_size: int) -> None:
+    """Stop token ids the model can produce (checked at submit: the vocabulary is
+    the model's)."""
+    for t in params.stop_token_ids:
+        if t >= vocab_size:
+            raise InvalidRequestError(
+                f"stop_token_ids holds {t}, out of vocabulary (valid ids are "
+                f"0..{vocab_size - 1})",
+                "stop_token_ids",
+            )
 
 
 def check_lengths(
@@ -141,5 +216,11 @@ def check_messages(messages: Sequence[Message]) -> None:
             raise InvalidRequestError(
                 f"messages[{i}]['content'] must be a str, got "
                 f"{type(m['content']).__name__}",
+                "messages",
+            )
+        if not is_valid_text(m["content"]):
+            raise InvalidRequestError(
+                f"messages[{i}]['content'] holds a lone surrogate and is not valid "
+                "Unicode text",
                 "messages",
             )

@@ -8,6 +8,7 @@ the answer caches, and hand it to the caller's sink.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmprod.config import EngineConfig
 from llmprod.engine.detokenizer import IncrementalDetokenizer
-from llmprod.errors import GuardBlockedError
+from llmprod.errors import GuardBlockedError, RequestFailedError
 from llmprod.ops.guards import apply_guards
 from llmprod.ops.metrics import MetricsRecorder
 from llmprod.ops.signals import logprob_signals
@@ -24,6 +25,8 @@ from llmprod.sched.request import Request
 
 if TYPE_CHECKING:
     from llmprod.answers.caches import AnswerCaches
+
+logger = logging.getLogger("llmprod")
 
 Sink = Callable[[Any], None]
 """Receives Delta objects (streaming), the final Completion, or an exception."""
@@ -40,6 +43,8 @@ class Handle:
     submit_time: float = field(default_factory=time.monotonic)
     done: bool = False
     """Set once the caller got its last item (completion, final delta or error)."""
+    released: bool = False
+    """Set once the request is recorded in the metrics and its ticket released."""
 
 
 class OutputProcessor:
@@ -132,66 +137,103 @@ class OutputProcessor:
         """Build the Completion, record it, deliver the last item.
 
         ``last_token_ids``: tokens of this step not yet streamed (they ride on the
-        final delta).
+        final delta). Never raises: whatever fails here (an output guard, the
+        price table, the detokenizer) ends this request with an error instead.
         """
         if h.done:
             return
         req = h.request
-        req.finish_reason = reason
-        req.finish_time = time.monotonic()
-        comp = self._completion(h, reason)
-        if self.guards and reason != "abort":
-            try:
-                res = apply_guards(self.guards, comp.text, "output")
-            except GuardBlockedError as exc:
-                self.fail(h, exc)
-                return
-            comp.text = res.text
-            if res.flags:
-                comp.flags.setdefault("guards", {})["output"] = res.flags
-        outcome = "aborted" if reason == "abort" else "completed"
+        try:
+            req.finish_reason = reason
+            req.finish_time = time.monotonic()
+            comp = self._completion(h, reason)
+            if self.guards and reason != "abort":
+                self.guard_output(comp)
+            cost = self._price(req)
+            final: Completion | Delta = comp
+            if h.streaming:
+                text = h.detok.take_delta(final=True)
+                final = Delta(req.request_id, text, last_token_ids or [], reason, comp)
+        except GuardBlockedError as exc:
+            self.fail(h, exc)
+            return
+        except Exception as exc:
+            logger.exception("request %s failed while finishing", req.request_id)
+            self.fail(h, failed(req, "while finishing", exc))
+            return
         t = comp.timings
-        comp.usage.cost = self._release(
+        comp.usage.cost = cost
+        outcome = "aborted" if reason == "abort" else "completed"
+        self._release(
             h,
             outcome,
             {"queued": t.queued_s, "ttft": t.ttft_s, "tpot": t.tpot_s, "e2e": t.e2e_s},
+            cost,
         )
         if self.answers is not None and reason in ("stop", "length"):
-            self.answers.store(req, comp)
-        if h.streaming:
-            text = h.detok.take_delta(final=True)
-            h.sink(Delta(req.request_id, text, last_token_ids or [], reason, comp))
-        else:
-            h.sink(comp)
+            try:
+                self.answers.store(req, comp)
+            except Exception:  # caching is best effort; the answer stands
+                logger.exception("storing the answer of %s failed", req.request_id)
+        self._deliver(h, final)
 
     def fail(self, h: Handle, err: BaseException) -> None:
-        """Deliver an error as the request's last item."""
+        """Deliver an error as the request's last item (never raises)."""
         if h.done:
             return
-        self._release(h, "errored", {})
-        h.sink(err)
+        self._release(h, "errored", {}, None)
+        self._deliver(h, err)
+
+    def guard_output(self, comp: Completion) -> None:
+        """Run the output guards on a completion (redact in place, add flags);
+        raises GuardBlockedError when one blocks it."""
+        res = apply_guards(self.guards, comp.text, "output")
+        comp.text = res.text
+        if res.flags:
+            comp.flags.setdefault("guards", {})["output"] = res.flags
+
+    def _deliver(self, h: Handle, item: Any) -> None:
+        h.done = True
+        try:
+            h.sink(item)
+        except Exception:  # the caller's side is gone; nothing else to tell
+            logger.exception("delivering the result of %s failed", h.request.request_id)
 
     def deliver_cached(self, h: Handle, comp: Completion) -> None:
-        """Deliver an answer from the answer caches (the model never ran)."""
-        h.done = True
+        """Deliver an answer from the answer caches (the model never ran). The
+        output guards run on it as on a fresh answer; a blocked one is an error."""
         req = h.request
-        if req.ticket is not None:
-            req.ticket.release(0, 0.0)
-        self.metrics.on_finish(
-            "completed",
-            comp.usage.prompt_tokens,
-            comp.usage.completion_tokens,
-            comp.usage.cached_prompt_tokens,
-            {"queued": 0.0, "ttft": comp.timings.ttft_s, "e2e": comp.timings.e2e_s},
-            tenant=req.tenant,
-            cost=0.0,
-            cache_tier=comp.cache_hit,
-        )
+        if self.guards:
+            try:
+                self.guard_output(comp)
+            except GuardBlockedError as exc:
+                self.fail(h, exc)
+                return
+            except Exception as exc:
+                logger.exception("output guards failed on %s", req.request_id)
+                self.fail(h, failed(req, "in the output guards", exc))
+                return
+        h.released = True
+        try:
+            if req.ticket is not None:
+                req.ticket.release(0, 0.0)
+            self.metrics.on_finish(
+                "completed",
+                comp.usage.prompt_tokens,
+                comp.usage.completion_tokens,
+                comp.usage.cached_prompt_tokens,
+                {"queued": 0.0, "ttft": comp.timings.ttft_s, "e2e": comp.timings.e2e_s},
+                tenant=req.tenant,
+                cost=0.0,
+                cache_tier=comp.cache_hit,
+            )
+        except Exception:
+            logger.exception("recording the cached answer of %s failed", req.request_id)
         if h.streaming:
-            h.sink(Delta(req.request_id, comp.text, list(comp.token_ids),
-                         comp.finish_reason, comp))  # fmt: skip
+            self._deliver(h, Delta(req.request_id, comp.text, list(comp.token_ids),
+                                   comp.finish_reason, comp))  # fmt: skip
         else:
-            h.sink(comp)
+            self._deliver(h, comp)
 
     def _completion(self, h: Handle, reason: str) -> Completion:
         req = h.request
@@ -231,29 +273,58 @@ class OutputProcessor:
             )
         return comp
 
-    def _release(
-        self, h: Handle, outcome: str, timings: dict[str, float | None]
-    ) -> float:
-        """Record a finished request and release its ticket; returns its cost."""
-        h.done = True
-        req = h.request
-        cost = 0.0
-        if self.prices is not None:
-            cost = self.prices.cost(
+    def _price(self, req: Request) -> float:
+        if self.prices is None:
+            return 0.0
+        return float(
+            self.prices.cost(
                 prompt_tokens=req.num_prompt_tokens,
                 completion_tokens=req.num_output_tokens,
                 cached_prompt_tokens=req.num_cached_tokens,
                 compute_s=req.compute_s,
             )
-        self.metrics.on_finish(
-            outcome,
-            req.num_prompt_tokens,
-            req.num_output_tokens,
-            req.num_cached_tokens,
-            timings,
-            tenant=req.tenant,
-            cost=cost,
         )
+
+    def _release(
+        self,
+        h: Handle,
+        outcome: str,
+        timings: dict[str, float | None],
+        cost: float | None,
+    ) -> None:
+        """Record a finished request and release its ticket, once (never
+        raises). ``cost`` None: price it here, 0 if the price table fails."""
+        if h.released:
+            return
+        h.released = True
+        req = h.request
+        if cost is None:
+            try:
+                cost = self._price(req)
+            except Exception:
+                logger.exception("price table failed on %s", req.request_id)
+                cost = 0.0
+        try:
+            self.metrics.on_finish(
+                outcome,
+                req.num_prompt_tokens,
+                req.num_output_tokens,
+                req.num_cached_tokens,
+                timings,
+                tenant=req.tenant,
+                cost=cost,
+            )
+        except Exception:
+            logger.exception("recording %s failed", req.request_id)
         if req.ticket is not None:
-            req.ticket.release(req.num_prompt_tokens + req.num_output_tokens, cost)
-        return cost
+            try:
+                req.ticket.release(req.num_prompt_tokens + req.num_output_tokens, cost)
+            except Exception:
+                logger.exception("releasing the ticket of %s failed", req.request_id)
+
+
+def failed(req: Request, where: str, exc: BaseException) -> RequestFailedError:
+    """The typed error a request ends with when its own path raised."""
+    return RequestFailedError(
+        f"request {req.request_id} failed {where}: {exc!r}", req.request_id
+    )

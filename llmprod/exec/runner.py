@@ -7,13 +7,14 @@ import mmap
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from llmprod.config import CacheConfig, parse_bytes
 from llmprod.errors import InvalidConfigError
 from llmprod.exec.sampler import Sampler, SamplerOutput, make_logprob
+from llmprod.layers.attention import AttentionBackend
 from llmprod.layers.attention.metadata import AttentionMetadata
 from llmprod.layers.screened_head import ScreenedGreedyHead
+from llmprod.models.protocol import PagedCausalLM
 from llmprod.outputs import TokenLogprob
 from llmprod.sched.scheduler import SchedulerOutput
 
@@ -73,12 +74,12 @@ class ModelRunner:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: PagedCausalLM,
         num_blocks: int,
         block_size: int,
         device: torch.device,
         dtype: torch.dtype,
-        backend: object,
+        backend: AttentionBackend,
         seed: int,
         eos_token_ids: tuple[int, ...],
         greedy_head: ScreenedGreedyHead | None = None,
@@ -89,8 +90,8 @@ class ModelRunner:
         self.device = device
         self.backend = backend
         self.eos_token_ids = eos_token_ids
-        num_layers = int(model.num_layers)  # type: ignore[arg-type]
-        kv_heads, head_dim = int(model.num_kv_heads), int(model.head_dim)  # type: ignore[arg-type]
+        num_layers = int(model.num_layers)
+        kv_heads, head_dim = int(model.num_kv_heads), int(model.head_dim)
         shape = (2, num_blocks, block_size, kv_heads, head_dim)
         self.kv_caches = zeroed_kv_caches(num_layers, shape, dtype, device)
         self.sampler = Sampler(seed, device)
@@ -111,9 +112,11 @@ class ModelRunner:
         return int(n)
 
     @staticmethod
-    def bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
-        num_layers = int(model.num_layers)  # type: ignore[arg-type]
-        per_token = 2 * model.num_kv_heads * model.head_dim * dtype.itemsize  # type: ignore[union-attr,operator]
+    def bytes_per_block(
+        model: PagedCausalLM, block_size: int, dtype: torch.dtype
+    ) -> int:
+        num_layers = int(model.num_layers)
+        per_token = 2 * model.num_kv_heads * model.head_dim * dtype.itemsize
         return int(num_layers * block_size * per_token)
 
     def prepare(
@@ -190,7 +193,7 @@ class ModelRunner:
                 return StepResult(
                     SamplerOutput(token_ids, [None] * len(rows)), rows, prompt_lps
                 )
-        logits = self.model.compute_logits(sampled_hidden)  # type: ignore[operator]
+        logits = self.model.compute_logits(sampled_hidden)
         sampled = self.sampler(logits, requests, self.eos_token_ids)
         return StepResult(sampled, rows, prompt_lps)
 
@@ -211,7 +214,7 @@ class ModelRunner:
             end = min(e.start + e.num_new_tokens, num_prompt - 1)
             if end > e.start:
                 h = hidden[cu[i] : cu[i] + (end - e.start)]
-                lp = torch.log_softmax(self.model.compute_logits(h), dim=-1)  # type: ignore[operator]
+                lp = torch.log_softmax(self.model.compute_logits(h), dim=-1)
                 targets = r.prompt_token_ids[e.start + 1 : end + 1]
                 lps.extend(make_logprob(lp[j], t, k) for j, t in enumerate(targets))
             found.append((i, lps))

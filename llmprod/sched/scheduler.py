@@ -54,6 +54,19 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.scheduled
 
+    def split(self) -> list[SchedulerOutput]:
+        """The same step as one step per request (to find which request's path
+        fails when the whole step did)."""
+        parts = []
+        for e in self.scheduled:
+            part = SchedulerOutput(scheduled=[e], num_batched_tokens=e.num_new_tokens)
+            if e.num_new_tokens == 1:
+                part.num_decodes = 1
+                part.decode_groups = [(0, 1)]
+                part.processed_elements = e.start + 1
+            parts.append(part)
+        return parts
+
 
 @dataclass(frozen=True, slots=True)
 class SchedulerStats:
