@@ -13,7 +13,7 @@ import torch
 
 from llmprod import Completion, Engine, SamplingParams
 from llmprod.ops.metrics import process_rss_bytes
-from tests.conftest import wait_idle
+from tests.helpers import wait_idle
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0)
 

@@ -17,61 +17,11 @@ import torch
 from llmprod import Engine, SamplingParams
 from llmprod.errors import UnsupportedModelError
 from llmprod.layers.linear import packing_available
-from tests.conftest import assert_pool_whole, first_divergence, hf_greedy
+from tests.factories import VOCAB, save_tiny, tiny_config
+from tests.helpers import assert_pool_whole, first_divergence, hf_greedy
 from tests.prompts import PARAGRAPH, TEXT_PROMPTS
-from tests.test_native_models import COMMON, VOCAB, save_tiny
 
 TIE_GAP = 1e-3  # as in the Engine core's equality tests
-WINDOW = 8  # tiny sliding windows, far shorter than the prompts below
-
-
-def tiny_config(arch: str) -> Any:
-    import transformers as tf
-
-    if arch == "llama":
-        return tf.LlamaConfig(**COMMON, tie_word_embeddings=True)
-    if arch == "qwen2":
-        return tf.Qwen2Config(**COMMON, tie_word_embeddings=False)
-    if arch == "mistral-sliding":
-        return tf.MistralConfig(**COMMON, sliding_window=WINDOW)
-    if arch == "phi3":
-        return tf.Phi3Config(**COMMON, pad_token_id=0)
-    if arch == "gpt2":
-        return tf.GPT2Config(
-            vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512
-        )
-    if arch == "opt":
-        return tf.OPTConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            ffn_dim=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=512,
-            word_embed_proj_dim=64,
-            pad_token_id=1,
-        )
-    if arch == "gemma2":
-        # Score and final-logit soft-capping, interleaved sliding layers and an
-        # attention scale other than 1/sqrt(head_dim); MQA.
-        return tf.Gemma2Config(
-            **{**COMMON, "num_key_value_heads": 1},
-            head_dim=16,
-            query_pre_attn_scalar=24,
-            sliding_window=WINDOW,
-            attn_logit_softcapping=5.0,
-            final_logit_softcapping=3.0,
-        )
-    if arch == "gemma3":
-        return tf.Gemma3TextConfig(
-            **{**COMMON, "num_hidden_layers": 3},
-            head_dim=16,
-            query_pre_attn_scalar=32,
-            sliding_window=WINDOW,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-        )
-    raise AssertionError(arch)
-
 
 # Every prompt is longer than WINDOW; the last one spans several KV blocks.
 TINY_PROMPTS = [[5, 17, 300, 42] * k for k in (3, 5, 9)] + [list(range(100, 180))]

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from llmprod import Engine, SamplingParams
-from tests.conftest import first_divergence, hf_greedy
+from tests.helpers import first_divergence, hf_greedy
 from tests.prompts import CHAT_PROMPTS, TEXT_PROMPTS, TOKEN_PROMPTS
 
 MAX_NEW = 24

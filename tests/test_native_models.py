@@ -3,7 +3,6 @@ architecture, against transformers (no downloads: configs are built here)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,60 +11,8 @@ import torch
 
 from llmprod import Engine, SamplingParams
 from llmprod.errors import UnsupportedModelError
-from tests.conftest import first_divergence, hf_greedy
-
-VOCAB = 49152  # the SmolLM2 tokenizer is copied next to each tiny model
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-)
-
-
-def tiny_config(arch: str) -> Any:
-    import transformers as tf
-
-    if arch == "llama":
-        return tf.LlamaConfig(**COMMON, tie_word_embeddings=True)
-    if arch == "llama-bias-rope-scaled":
-        return tf.LlamaConfig(
-            **COMMON,
-            attention_bias=True,
-            rope_scaling={
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 128,
-            },
-        )
-    if arch == "qwen2":
-        return tf.Qwen2Config(**COMMON, tie_word_embeddings=False)
-    if arch == "mistral":
-        return tf.MistralConfig(**COMMON, sliding_window=None)
-    raise AssertionError(arch)
-
-
-def save_tiny(arch: str, root: Path, tokenizer_dir: Path, config: Any = None) -> Path:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    cfg = config if config is not None else tiny_config(arch)
-    model = AutoModelForCausalLM.from_config(cfg)
-    # Larger weights than the default init make the logits decisive (no ties).
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(3.0)
-    out = root / arch
-    model.save_pretrained(out)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        if (tokenizer_dir / f).exists():
-            shutil.copy(tokenizer_dir / f, out / f)
-    return out
+from tests.factories import COMMON, VOCAB, save_tiny
+from tests.helpers import first_divergence, hf_greedy
 
 
 @pytest.mark.parametrize(

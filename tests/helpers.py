@@ -1,0 +1,60 @@
+"""Helpers shared by the test modules: waiting for an engine to go idle, the
+block-pool check, and greedy equality against transformers."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from llmprod import Engine
+
+
+def wait_idle(engine: Engine, timeout: float = 30.0) -> None:
+    """Wait until the engine holds no request (aborts are processed by its thread)."""
+    deadline = time.monotonic() + timeout
+    while not engine.core.is_idle():
+        if time.monotonic() > deadline:
+            raise AssertionError("engine still busy after the test")
+        time.sleep(0.01)
+
+
+def assert_pool_whole(engine: Engine) -> None:
+    wait_idle(engine)
+    pool = engine.kv.pool
+    assert pool.is_whole(), (
+        f"KV pool not whole: {pool.num_free_blocks}/{pool.num_blocks} free, "
+        f"held: {[i for i, r in enumerate(pool.ref_counts) if r]}"
+    )
+
+
+def hf_greedy(
+    model: Any, ids: list[int], max_new_tokens: int
+) -> tuple[list[int], list[torch.Tensor]]:
+    """transformers generate(do_sample=False): tokens and the logits at each step."""
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=model.generation_config.pad_token_id,
+        )
+    return out.sequences[0, len(ids) :].tolist(), [s[0] for s in out.scores]
+
+
+def first_divergence(
+    ours: list[int], ref: list[int], scores: list[torch.Tensor]
+) -> tuple[int, float] | None:
+    """None if equal; else (position, top-2 logit gap of the reference there)."""
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        if a != b:
+            top2 = scores[i].float().topk(2).values
+            return i, float(top2[0] - top2[1])
+    if len(ours) != len(ref):
+        return min(len(ours), len(ref)), float("inf")
+    return None
