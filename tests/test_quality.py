@@ -1,9 +1,11 @@
-"""llmprod.eval.quality: BLEU against sacrebleu itself, MiniLM similarity, and the
-engine-vs-engine report on the real model."""
+"""llmprod.eval.quality: BLEU against scores computed by hand and sacrebleu's
+published example, MiniLM similarity, and the engine-vs-engine report on the real
+model."""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import pytest
@@ -18,7 +20,7 @@ from llmprod.eval.quality import (
     sentence_bleu,
 )
 
-sacrebleu = pytest.importorskip("sacrebleu")
+pytest.importorskip("sacrebleu")
 
 HYPS = [
     "the cat sat on the mat",
@@ -30,30 +32,65 @@ REFS = [
     "the quick brown fox jumped over the lazy dog",
     "the capital of france is paris",
 ]
-REFS2 = [
-    "a cat sat upon the mat",
-    "a fast brown fox leaps over a lazy dog",
-    "france has paris as its capital",
-]
 
 
-def test_corpus_bleu_equals_sacrebleu() -> None:
-    assert bleu(HYPS, REFS) == pytest.approx(sacrebleu.corpus_bleu(HYPS, [REFS]).score)
-    # Several references per hypothesis become sacrebleu's reference streams.
-    multi = [[a, b] for a, b in zip(REFS, REFS2)]
-    expected = sacrebleu.corpus_bleu(HYPS, [REFS, REFS2]).score
-    assert bleu(HYPS, multi) == pytest.approx(expected)
-    assert bleu(HYPS, multi) >= bleu(HYPS, REFS)
+def test_sentence_bleu_by_hand() -> None:
+    # hyp "the cat sat on the mat" (6 tokens), ref "the cat sat on the red mat" (7):
+    #   1-grams 6/6; 2-grams 4/5 ("the mat" is not in the ref);
+    #   3-grams 3/4 ("on the mat" is not); 4-grams 2/3 ("sat on the mat" is not).
+    #   No zero count, so smoothing plays no part.
+    #   brevity penalty exp(1 - 7/6); BLEU = 100 * exp(-1/6) * (1 * 4/5 * 3/4 * 2/3)^(1/4)
+    #   = 100 * 0.846482 * 0.4^(1/4) = 67.3182
+    expected = 100 * math.exp(-1 / 6) * (4 / 5 * 3 / 4 * 2 / 3) ** 0.25
+    assert expected == pytest.approx(67.3182, abs=1e-4)
+    assert sentence_bleu("the cat sat on the mat", "the cat sat on the red mat") == (
+        pytest.approx(expected, rel=1e-9)
+    )
+    # A second reference "a cat sat on the mat" supplies "the mat", "on the mat"
+    # and "sat on the mat" (n-gram counts are clipped by the max over references),
+    # so every precision is 1; its length 6 is the closest to the hypothesis's,
+    # so no brevity penalty: 100, though neither reference equals the hypothesis.
+    two_refs = ["the cat sat on the red mat", "a cat sat on the mat"]
+    assert sentence_bleu("the cat sat on the mat", two_refs) == pytest.approx(100.0)
+    # One of two references alone gives the lower score.
+    assert sentence_bleu("the cat sat on the mat", two_refs[:1]) == pytest.approx(
+        expected
+    )
 
 
-def test_sentence_bleu_equals_sacrebleu() -> None:
-    for h, r, r2 in zip(HYPS, REFS, REFS2):
-        assert sentence_bleu(h, r) == pytest.approx(
-            sacrebleu.sentence_bleu(h, [r]).score
-        )
-        assert sentence_bleu(h, [r, r2]) == pytest.approx(
-            sacrebleu.sentence_bleu(h, [r, r2]).score
-        )
+def test_corpus_bleu_pools_counts_by_hand() -> None:
+    # Counts are summed over the pairs before the geometric mean:
+    #   pair 1 as above (6/6, 4/5, 3/4, 2/3), pair 2 identical "a b c d" (4/4, 3/3,
+    #   2/2, 1/1) -> 10/10, 7/8, 5/6, 3/4; lengths 10 against 11.
+    #   BLEU = 100 * exp(1 - 11/10) * (7/8 * 5/6 * 3/4)^(1/4) = 77.8113,
+    #   not the mean of the sentence scores (67.32 and 100).
+    hyps = ["the cat sat on the mat", "a b c d"]
+    refs = ["the cat sat on the red mat", "a b c d"]
+    expected = 100 * math.exp(-0.1) * (7 / 8 * 5 / 6 * 3 / 4) ** 0.25
+    assert expected == pytest.approx(77.8113, abs=1e-4)
+    assert bleu(hyps, refs) == pytest.approx(expected, rel=1e-9)
+
+
+def test_corpus_bleu_with_two_references_matches_sacrebleus_readme() -> None:
+    # The example of sacrebleu's README (github.com/mjpost/sacrebleu), given there
+    # as two reference streams; here as two references per hypothesis:
+    #   BLEU = 48.53 82.4/50.0/45.5/37.5 (BP = 0.943 ratio = 0.944 hyp_len = 17
+    #   ref_len = 18)
+    # i.e. matches 14/17, 7/14, 5/11, 3/8 and BP = exp(1 - 18/17):
+    #   100 * 0.942873 * (14/17 * 7/14 * 5/11 * 3/8)^(1/4) = 48.5308
+    hyps = [
+        "The dog bit the man.",
+        "It wasn't surprising.",
+        "The man had just bitten him.",
+    ]
+    refs = [
+        ["The dog bit the man.", "The dog had bit the man."],
+        ["It was not unexpected.", "No one was surprised."],
+        ["The man bit him first.", "The man had bitten the dog."],
+    ]
+    by_hand = 100 * math.exp(1 - 18 / 17) * (14 / 17 * 7 / 14 * 5 / 11 * 3 / 8) ** 0.25
+    assert bleu(hyps, refs) == pytest.approx(by_hand, rel=1e-9)
+    assert round(bleu(hyps, refs), 2) == 48.53
 
 
 def test_identical_texts_score_100_and_similarity_one() -> None:
@@ -130,7 +167,7 @@ def test_compare_chat_sees_differences(engine: Engine) -> None:
             return engine.generate(prompts, short)  # type: ignore[arg-type]
 
         def chat(self, messages: object, params: object = None, **kw: object) -> object:
-            return engine.chat(messages, short)  # type: ignore[arg-type]
+            return engine.chat(messages, short)  # type: ignore[call-overload]
 
     report = compare(
         Clipped(), engine, ["Name a fruit."], long_, chat=True, labels=("clip", "full")
