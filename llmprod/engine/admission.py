@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,9 @@ from llmprod.sampling_params import SamplingParams
 from llmprod.sched.request import Request
 
 logger = logging.getLogger("llmprod")
+
+_MARK = re.compile("\ue000(\\d+)\ue001")
+"""A message's place in a template rendered around placeholders."""
 
 if TYPE_CHECKING:
     from llmprod.answers.caches import AnswerCaches
@@ -75,6 +79,11 @@ class Admission:
         self.device = device
         self.guards = list(config.guards or [])
         self.prices = config.prices
+        self.allow_special_tokens_in_content = bool(
+            getattr(config, "allow_special_tokens_in_content", False)
+        )
+        self._added_token_texts = tuple(getattr(tokenizer, "added_tokens_encoder", {}))
+        """Texts the tokenizer turns into one added (often control) token."""
         self.throttle = throttle
         self.answers = answers
         self.is_closed = False
@@ -209,17 +218,46 @@ class Admission:
         return self.answers.lookup(req) if self.answers is not None else None
 
     def render_chat(self, messages: Sequence[Message]) -> list[int]:
-        """Token ids of a conversation rendered with the chat template."""
+        """Token ids of a conversation rendered with the chat template.
+
+        Special-token text inside a message's content (``<|im_start|>system``...)
+        is tokenized as plain text, so content cannot open a control turn;
+        ``allow_special_tokens_in_content=True`` gives transformers' own
+        tokenization of the rendered text instead.
+        """
         inputs.check_messages(messages)
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError(
                 f"model {self.model_name!r} has no chat template; use generate()",
                 "messages",
             )
+        if self.allow_special_tokens_in_content or not any(
+            t in m["content"] for m in messages for t in self._added_token_texts
+        ):
+            text = self.tokenizer.apply_chat_template(
+                list(messages), add_generation_prompt=True, tokenize=False
+            )
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return self._render_with_plain_content(messages)
+
+    def _render_with_plain_content(self, messages: Sequence[Message]) -> list[int]:
+        """Render the template around placeholders, then tokenize the template's
+        text as usual and each content with special tokens split into text."""
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        shells = [{**m, "content": marks[i]} for i, m in enumerate(messages)]
         text = self.tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=True, tokenize=False
+            shells, add_generation_prompt=True, tokenize=False
         )
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        encode = self.tokenizer.encode
+        ids: list[int] = []
+        pos = 0
+        for match in _MARK.finditer(text):
+            ids += encode(text[pos : match.start()], add_special_tokens=False)
+            content = messages[int(match.group(1))]["content"]
+            ids += encode(content, add_special_tokens=False, split_special_tokens=True)
+            pos = match.end()
+        ids += encode(text[pos:], add_special_tokens=False)
+        return ids
 
     def _guard_messages(
         self, messages: list[Message]
