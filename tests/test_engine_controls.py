@@ -3,6 +3,7 @@ the real model."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from typing import Any
@@ -15,9 +16,12 @@ from llmprod.errors import GuardBlockedError, RateLimited
 from llmprod.ops.guards import BlockListGuard, PIIGuard
 from llmprod.ops.limits import TenantLimits
 from llmprod.ops.pricing import PriceTable
+from llmprod.ops.signals import UNGROUNDED_BELOW, split_sentences
+from llmprod.sampling_params import MAX_LOGPROBS
 
 PRICES = PriceTable(prompt_per_1k=0.5, completion_per_1k=1.5)
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
+FULL_LENGTH = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
 
 def test_cost_on_every_completion_equal_in_stream_and_generate(
@@ -59,39 +63,67 @@ def test_blocked_prompt_uses_no_model_time(make_engine: Any) -> None:
         eng.generate("this is forbidden text", GREEDY)
     assert "forbidden" not in str(info.value)  # findings never echo the text
     assert eng.metrics().scheduler["steps"] == steps
-    assert eng.generate("this is fine", GREEDY)[0].finish_reason is not None
+    fine = eng.generate("this is fine", FULL_LENGTH)[0]
+    assert fine.finish_reason == "length" and len(fine.token_ids) == 8
 
 
 def test_confidence_signals_from_logprobs(engine: Any) -> None:
     out = engine.generate("The capital of France is", SamplingParams(
-        max_tokens=6, temperature=0, logprobs=0))[0]  # fmt: skip
+        max_tokens=6, temperature=0, logprobs=MAX_LOGPROBS, ignore_eos=True))[0]  # fmt: skip
+    lps = out.logprobs
+    assert len(lps) == 6
     conf = out.flags["confidence"]
+    assert conf["num_tokens"] == 6
     assert conf["mean_logprob"] == pytest.approx(
-        float(np.mean([lp.logprob for lp in out.logprobs]))
+        float(np.mean([t.logprob for t in lps]))
     )
-    assert conf["max_entropy"] >= 0
+    assert conf["min_logprob"] == min(t.logprob for t in lps)
+    assert conf["perplexity"] == pytest.approx(math.exp(-conf["mean_logprob"]))
+    # The engine has each position's full-vocabulary entropy: not a lower bound.
+    assert conf["entropy_is_lower_bound"] is False
+    assert conf["max_entropy"] == max(t.entropy for t in lps)
+    vocab = engine.hf_config.vocab_size
+    for t in lps:
+        # Greedy: the chosen token is the best of the top alternatives.
+        assert t.token_id == max(t.top, key=t.top.__getitem__)
+        assert t.logprob == t.top[t.token_id]
+        # From the top 20 by hand: H = -sum p ln p over them, plus what the rest
+        # (mass r over vocab - 20 tokens) adds: between -r ln r (all of it on one
+        # token) and -r ln r + r ln(vocab - 20) (spread evenly).
+        probs = [math.exp(v) for v in t.top.values()]
+        rest = max(1.0 - sum(probs), 0.0)
+        top_part = -sum(p * math.log(p) for p in probs if p > 0)
+        lower = top_part - (rest * math.log(rest) if rest > 0 else 0.0)
+        upper = lower + rest * math.log(vocab - len(probs))
+        assert lower - 1e-4 <= t.entropy <= upper + 1e-4, (lower, t.entropy, upper)
+    context = "Paris is the capital of France."
     grounded = engine.generate("Paris is the capital of France. Repeat: Paris is",
-                               GREEDY, grounding_context="Paris is the capital of France.")[0]  # fmt: skip
-    assert "grounding" in grounded.flags
+                               GREEDY, grounding_context=context)[0]  # fmt: skip
+    g = grounded.flags["grounding"]
+    assert g["num_sentences"] == len(split_sentences(grounded.text))
+    assert len(g["scores"]) == g["num_sentences"]
+    assert g["threshold"] == UNGROUNDED_BELOW
 
 
 def test_rate_limit_raised_at_the_right_request_and_released(make_engine: Any) -> None:
     eng = make_engine(kv_cache_memory="64MiB",
                       limits={"metered": TenantLimits(requests_per_second=2.0,
                                                       max_request_burst=2)})  # fmt: skip
-    p = SamplingParams(max_tokens=2, temperature=0)
+    p = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
     eng.generate("a", p, tenant="metered")
     eng.generate("b", p, tenant="metered")
     with pytest.raises(RateLimited) as info:
         eng.generate("c", p, tenant="metered")  # the third within a second
     assert 0 < info.value.retry_after <= 1.0 and info.value.tenant == "metered"
-    assert eng.generate("free", p, tenant="other")[0].finish_reason  # others unaffected
+    # others unaffected
+    assert eng.generate("free", p, tenant="other")[0].finish_reason == "length"
     time.sleep(info.value.retry_after + 0.05)
-    assert eng.generate("c", p, tenant="metered")[0].finish_reason  # released
+    # released
+    assert eng.generate("c", p, tenant="metered")[0].finish_reason == "length"
     # or wait for room instead of raising: three more at once, none refused
     t0 = time.monotonic()
     outs = eng.generate(["d", "e", "f"], p, tenant="metered", wait_timeout=5.0)
-    assert all(o.finish_reason for o in outs)
+    assert [o.finish_reason for o in outs] == ["length"] * 3
     assert time.monotonic() - t0 >= 0.4  # it had to wait for the bucket
     assert eng.metrics().tenants["metered"]["throttle"]
 
