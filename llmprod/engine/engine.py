@@ -30,6 +30,7 @@ from llmprod.engine.inputs import Message, Prompt
 from llmprod.engine.loading import load_model, speed_up
 from llmprod.engine.output import Handle, OutputProcessor
 from llmprod.errors import EngineClosedError, UnsupportedModelError
+from llmprod.exec.memory import release_freed_memory
 from llmprod.exec.runner import ModelRunner
 from llmprod.exec.threads import run_in_own_thread
 from llmprod.kv.manager import KVCacheManager
@@ -119,6 +120,7 @@ class Engine:
                 quantization,
                 config.semantic_threshold,
                 config.cache_ttl,
+                cache_scope=getattr(config, "cache_scope", "tenant"),
             )
         self.recorder = MetricsRecorder()
         self.admission = Admission(
@@ -478,9 +480,11 @@ class Engine:
         if self.greedy_head is not None:
             self.greedy_head.release()
         self.model = None  # type: ignore[assignment]
-        gc.collect()
         if self.device.type == "cuda":
+            gc.collect()
             torch.cuda.empty_cache()
+        else:
+            release_freed_memory()
 
     @property
     def is_closed(self) -> bool:
