@@ -222,7 +222,12 @@ def test_int8_on_the_generic_path(
     saved = list((tmp_path / "cache" / "quantized").glob("*-generic-*.safetensors"))
     assert len(saved) == 1
     calls: list[Any] = []
-    monkeypatch.setattr(int8, "quantize_model", lambda *a, **k: calls.append(a))
+    # The engine's loader calls llmprod.quant.quantize_model: patch it there.
+    import llmprod.quant
+
+    monkeypatch.setattr(
+        llmprod.quant, "quantize_model", lambda *a, **k: calls.append(a)
+    )
     again = make_engine(str(path), model_impl="generic", quantization="int8-wo")
     assert calls == []  # reloaded, not quantized again
     assert [o.token_ids for o in again.generate(TINY_PROMPTS, sp)] == [

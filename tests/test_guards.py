@@ -239,11 +239,3 @@ def test_any_object_with_the_protocol_is_a_guard() -> None:
     with pytest.raises(GuardBlockedError, match="shouting") as info:
         apply_guards([guard], "LOUD", "prompt")
     assert info.value.findings == {"loud": True}
-
-
-def test_docstring_examples_run() -> None:
-    import doctest
-
-    import llmprod.ops.guards
-
-    assert doctest.testmod(llmprod.ops.guards).failed == 0

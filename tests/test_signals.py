@@ -198,11 +198,3 @@ def test_signals_on_a_real_completion(engine: object) -> None:
     assert s["entropy_is_lower_bound"] and s["max_entropy"] >= 0
     for t in comp.logprobs:  # greedy: each token is the most likely one
         assert t.logprob == pytest.approx(max(t.top.values()), abs=1e-5)
-
-
-def test_docstring_examples_run() -> None:
-    import doctest
-
-    import llmprod.ops.signals
-
-    assert doctest.testmod(llmprod.ops.signals).failed == 0

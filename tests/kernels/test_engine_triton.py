@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton", reason="Triton is not installed")
 def test_triton_backend_matches_torch_backend(
     tmp_path: Path, engine: Engine, make_engine: Any
 ) -> None:
-    from tests.test_native_models import save_tiny
+    from tests.factories import save_tiny
 
     path = save_tiny("llama", tmp_path, engine.model_path)
     opts = dict(num_kv_blocks=32, block_size=16, max_num_batched_tokens=64)
@@ -40,9 +40,8 @@ def test_triton_backend_on_the_generic_path(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tests.conftest import first_divergence, hf_greedy
-    from tests.test_generic_models import tiny_config
-    from tests.test_native_models import save_tiny
+    from tests.factories import save_tiny, tiny_config
+    from tests.helpers import first_divergence, hf_greedy
 
     path = save_tiny("gemma2", tmp_path, engine.model_path, tiny_config("gemma2"))
     tri = make_engine(
