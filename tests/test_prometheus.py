@@ -248,3 +248,62 @@ def test_missing_client_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None
     with pytest.raises(ImportError, match=r"llmprod\[metrics\]") as info:
         SnapshotCollector(dict)
     assert PIP_HINT in str(info.value)
+
+
+def test_tenant_labels_are_capped_and_the_rest_is_other() -> None:
+    snap = make_snapshot()
+    snap["tenants"] = {
+        f"t{i}": {"submitted": i, "completed": i, "cost": i / 4} for i in range(1, 6)
+    }
+    snap["tenants"]["t2"]["throttle"] = {"in_flight": 1, "rejected": {"budget": 2}}
+    samples, _ = parse(render(lambda: snap, max_tenants=2))
+    tenant_samples = {
+        k: v for k, v in samples.items() if k[0].startswith("llmprod_tenants")
+    }
+    assert tenant_samples == {
+        ("llmprod_tenants_submitted_total", (("tenant", "t5"),)): 5,
+        ("llmprod_tenants_submitted_total", (("tenant", "t4"),)): 4,
+        ("llmprod_tenants_submitted_total", (("tenant", "other"),)): 6,
+        ("llmprod_tenants_completed_total", (("tenant", "t5"),)): 5,
+        ("llmprod_tenants_completed_total", (("tenant", "t4"),)): 4,
+        ("llmprod_tenants_completed_total", (("tenant", "other"),)): 6,
+        ("llmprod_tenants_cost_total", (("tenant", "t5"),)): 1.25,
+        ("llmprod_tenants_cost_total", (("tenant", "t4"),)): 1.0,
+        ("llmprod_tenants_cost_total", (("tenant", "other"),)): 1.5,
+        ("llmprod_tenants_throttle_in_flight", (("tenant", "other"),)): 1,
+        (
+            "llmprod_tenants_throttle_rejected_budget_total",
+            (("tenant", "other"),),
+        ): 2,
+    }
+    # everything outside the tenants section is as without a cap
+    uncapped, _ = parse(render(lambda: snap, max_tenants=None))
+
+    def outside(s: dict[Key, float]) -> dict[Key, float]:
+        return {k: v for k, v in s.items() if not k[0].startswith("llmprod_tenants")}
+
+    assert outside(samples) == outside(uncapped)
+    assert len({k for k in uncapped if k[0] == "llmprod_tenants_submitted_total"}) == 5
+
+
+def test_default_tenant_cap_is_one_hundred() -> None:
+    tenants = {f"tenant-{i:03d}": {"submitted": 1000 - i} for i in range(150)}
+    samples, _ = parse(render(lambda: {"tenants": tenants}))
+    assert len(samples) == 101
+    for i in range(100):
+        assert (
+            samples[
+                ("llmprod_tenants_submitted_total", (("tenant", f"tenant-{i:03d}"),))
+            ]
+            == 1000 - i
+        )
+    # the other 50: 900 + 899 + ... + 851
+    assert samples[("llmprod_tenants_submitted_total", (("tenant", "other"),))] == sum(
+        range(851, 901)
+    )
+
+
+def test_bad_tenant_cap() -> None:
+    for bad in (-1, 1.5, True, "10"):
+        with pytest.raises(ValueError, match="max_tenants"):
+            SnapshotCollector(dict, max_tenants=bad)  # type: ignore[arg-type]

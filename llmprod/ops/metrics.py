@@ -2,6 +2,10 @@
 
 Percentiles are exact over the most recent ``window`` finished requests (numpy's
 default linear interpolation), not estimated from buckets.
+
+Per-tenant rows are bounded: beyond ``max_tenants`` named tenants, the least
+recently active idle tenants (nothing in flight) are folded into the
+:data:`OTHER_TENANT` row, so the rows always add up to the engine's totals.
 """
 
 from __future__ import annotations
@@ -9,7 +13,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Mapping, MutableMapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -17,6 +22,13 @@ import numpy as np
 
 PERCENTILES = (50, 90, 95, 99)
 """The percentiles of every latency metric."""
+
+OTHER_TENANT = "other"
+"""The row (and Prometheus label value) that holds the tenants beyond a cap. A
+tenant really called ``other`` shares it."""
+
+DEFAULT_MAX_TENANTS = 1_000
+"""Named tenant rows a :class:`MetricsRecorder` keeps by default."""
 
 
 def percentiles(samples: list[float] | deque[float]) -> dict[str, float | None]:
@@ -41,6 +53,62 @@ def peak_rss_bytes() -> int:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def merge_row(into: MutableMapping[str, Any], row: Mapping[str, Any]) -> None:
+    """Add one tenant row into another: numbers are summed, nested dicts merged
+    key by key, booleans or-ed; strings, ``None`` and lists are left out, as is
+    a key whose kind differs from the one already there."""
+    for key, value in row.items():
+        have = into.get(key)
+        if isinstance(value, bool):
+            if have is None or isinstance(have, bool):
+                into[key] = bool(have) or value
+        elif isinstance(value, (int, float)):
+            if have is None:
+                into[key] = value
+            elif isinstance(have, (int, float)) and not isinstance(have, bool):
+                into[key] = have + value
+        elif isinstance(value, Mapping):
+            if have is None:
+                have = into[key] = {}
+            if isinstance(have, dict):
+                merge_row(have, value)
+
+
+def fold_tenants(tenants: Mapping[str, Any], keep: int) -> dict[str, Any]:
+    """The ``keep`` tenants with the most requests (``submitted``; ties by name)
+    under their own names, every other one merged into :data:`OTHER_TENANT`.
+
+    An ``other`` row already there is merged too and never counts as one of the
+    ``keep``. The kept rows stay in their order and ``other`` comes last. Values
+    that are not dicts are not tenant rows: they pass through unchanged.
+
+    >>> rows = {"a": {"submitted": 1}, "b": {"submitted": 5}, "c": {"submitted": 2}}
+    >>> fold_tenants(rows, 1)
+    {'b': {'submitted': 5}, 'other': {'submitted': 3}}
+    """
+    if keep < 0:
+        raise ValueError(f"keep={keep!r} must be >= 0")
+    rows = {t: r for t, r in tenants.items() if isinstance(r, Mapping)}
+    named = [t for t in rows if t != OTHER_TENANT]
+    if len(named) <= keep:
+        return dict(tenants)
+    ranked = sorted(named, key=lambda t: (-_requests(rows[t]), str(t)))
+    kept = set(ranked[:keep])
+    out = {t: v for t, v in tenants.items() if t in kept or t not in rows}
+    other: dict[str, Any] = {}
+    for t, row in rows.items():
+        if t not in kept:
+            merge_row(other, row)
+    out[OTHER_TENANT] = other
+    return out
+
+
+def _requests(row: Mapping[str, Any]) -> float:
+    n = row.get("submitted", 0)
+    ok = isinstance(n, (int, float)) and not isinstance(n, bool) and n == n
+    return float(n) if ok else 0.0
 
 
 @dataclass(slots=True)
@@ -70,7 +138,8 @@ class MetricsSnapshot:
     tenants: dict[str, dict[str, Any]] = field(default_factory=dict)
     """per tenant: submitted, completed, aborted, errored, prompt_tokens,
     completion_tokens, cost; and ``throttle`` (its
-    :meth:`~llmprod.ops.limits.Throttle.snapshot` row) when limits are set."""
+    :meth:`~llmprod.ops.limits.Throttle.snapshot` row) when limits are set.
+    Tenants folded away by the recorder's cap are summed in ``other``."""
     cache: dict[str, Any] = field(default_factory=dict)
     """response-cache hits per tier, misses and backend errors."""
 
@@ -80,9 +149,19 @@ class MetricsSnapshot:
 
 
 class MetricsRecorder:
-    """Thread-safe accumulation of per-request and per-step numbers."""
+    """Thread-safe accumulation of per-request and per-step numbers.
 
-    def __init__(self, window: int = 10_000) -> None:
+    Args:
+        window: finished requests whose latencies the percentiles cover.
+        max_tenants: named tenant rows kept (>= 1). Past it, the least recently
+            active tenant with nothing in flight is folded into the
+            :data:`OTHER_TENANT` row; a tenant with requests in flight keeps its
+            row until they finish, so rows never lose a request midway.
+    """
+
+    def __init__(
+        self, window: int = 10_000, max_tenants: int = DEFAULT_MAX_TENANTS
+    ) -> None:
         self._lock = threading.Lock()
         self.start_time = time.monotonic()
         self.counts = {"submitted": 0, "completed": 0, "aborted": 0, "errored": 0}
@@ -90,6 +169,9 @@ class MetricsRecorder:
         self.cost = 0.0
         self.cache_hits: dict[str, int] = {}
         self.tenants: dict[str, dict[str, float]] = {}
+        # named tenants with nothing in flight, least recently active first
+        self._idle: OrderedDict[str, None] = OrderedDict()
+        self._max_tenants = _check_max_tenants(max_tenants)
         self.samples: dict[str, deque[float]] = {
             k: deque(maxlen=window) for k in ("queued", "ttft", "tpot", "e2e")
         }
@@ -98,6 +180,17 @@ class MetricsRecorder:
         self.processed = 0
         self.peak_kv_usage = 0.0
         self.slot_waste_at_peak = 0.0
+
+    @property
+    def max_tenants(self) -> int:
+        """Named tenant rows kept; setting it folds the excess idle ones now."""
+        return self._max_tenants
+
+    @max_tenants.setter
+    def max_tenants(self, value: int) -> None:
+        with self._lock:
+            self._max_tenants = _check_max_tenants(value)
+            self._evict()
 
     def _tenant(self, tenant: str) -> dict[str, float]:
         t = self.tenants.get(tenant)
@@ -108,10 +201,32 @@ class MetricsRecorder:
             }  # fmt: skip
         return t
 
+    def _touch(self, tenant: str, row: dict[str, float]) -> None:
+        """Mark the tenant active now; idle ones queue for eviction (under lock)."""
+        if tenant == OTHER_TENANT:
+            return
+        done = row["completed"] + row["aborted"] + row["errored"]
+        self._idle.pop(tenant, None)
+        if done >= row["submitted"]:
+            self._idle[tenant] = None
+        self._evict()
+
+    def _evict(self) -> None:
+        """Fold the least recently active idle tenants into ``other`` while
+        there are more named rows than the cap (under lock)."""
+        named = len(self.tenants) - (OTHER_TENANT in self.tenants)
+        while named > self._max_tenants and self._idle:
+            tenant, _ = self._idle.popitem(last=False)
+            merge_row(self._tenant(OTHER_TENANT), self.tenants.pop(tenant))
+            named -= 1
+
     def on_submit(self, tenant: str = "default") -> None:
+        """Record a submitted request."""
         with self._lock:
             self.counts["submitted"] += 1
-            self._tenant(tenant)["submitted"] += 1
+            t = self._tenant(tenant)
+            t["submitted"] += 1
+            self._touch(tenant, t)
 
     def on_finish(
         self,
@@ -139,6 +254,7 @@ class MetricsRecorder:
             t["prompt_tokens"] += prompt
             t["completion_tokens"] += completion
             t["cost"] += cost
+            self._touch(tenant, t)
             if outcome == "completed":
                 for k, v in timings.items():
                     if v is not None:
@@ -201,3 +317,9 @@ class MetricsRecorder:
         for name, values in sections.items():
             getattr(snap, name).update(values)
         return snap
+
+
+def _check_max_tenants(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"max_tenants={value!r} must be an int >= 1")
+    return value

@@ -16,6 +16,9 @@ that sections the engine adds later are exported without changes here:
   (``tenants.acme.cost`` -> ``llmprod_tenants_cost{tenant="acme"}``), and
   ``tier`` for the per-tier dicts of the cache stats (``cache.hits.redis`` ->
   ``llmprod_cache_hits_total{tier="redis"}``).
+- Tenant cap: only the ``max_tenants`` tenants with the most requests
+  (``submitted``) keep their name; the rest are summed under ``other``
+  (:func:`~llmprod.ops.metrics.fold_tenants`), so the label stays bounded.
 - Quantiles: a dict whose keys are all ``p<number>`` (as under ``latency_s``)
   becomes one gauge with a ``quantile`` label: ``latency_s.ttft.p99`` ->
   ``llmprod_latency_s_ttft{quantile="0.99"}``.
@@ -43,11 +46,16 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from llmprod.ops.metrics import fold_tenants
+
 logger = logging.getLogger("llmprod.ops.prometheus")
 
 PIP_HINT = "pip install 'llmprod[metrics]'"
 
 DEFAULT_PREFIX = "llmprod"
+
+DEFAULT_MAX_TENANTS = 100
+"""Tenants exported under their own ``tenant`` label value; the rest are ``other``."""
 
 DEFAULT_LABEL_LEVELS: Mapping[str, str] = {
     "tenants": "tenant",
@@ -127,10 +135,13 @@ class SnapshotCollector:
         prefix: metric name prefix.
         label_levels: dotted dict path -> label name (see the module docstring).
         counters: fnmatch patterns of counter paths.
+        max_tenants: tenants (under ``tenants``) exported by name, the most
+            requested first; the others are summed as ``other``. ``None``: all.
 
     Raises:
         ImportError: prometheus-client is not installed (the message gives the
             pip line).
+        ValueError: a bad ``prefix`` or ``max_tenants``.
     """
 
     def __init__(
@@ -140,8 +151,13 @@ class SnapshotCollector:
         prefix: str = DEFAULT_PREFIX,
         label_levels: Mapping[str, str] = DEFAULT_LABEL_LEVELS,
         counters: Iterable[str] = DEFAULT_COUNTERS,
+        max_tenants: int | None = DEFAULT_MAX_TENANTS,
     ) -> None:
         self._client = _client()
+        ok = isinstance(max_tenants, int) and not isinstance(max_tenants, bool)
+        if max_tenants is not None and not (ok and max_tenants >= 0):
+            raise ValueError(f"max_tenants={max_tenants!r} must be None or an int >= 0")
+        self.max_tenants = max_tenants
         self.snapshot_fn = snapshot_fn
         if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", prefix):
             raise ValueError(f"prefix={prefix!r} must be a valid metric name")
@@ -171,6 +187,9 @@ class SnapshotCollector:
 
     def _families(self, snapshot: Mapping[str, Any]) -> list[_Family]:
         """The families one snapshot maps to (no prometheus-client objects)."""
+        tenants = snapshot.get("tenants")
+        if self.max_tenants is not None and isinstance(tenants, Mapping):
+            snapshot = {**snapshot, "tenants": fold_tenants(tenants, self.max_tenants)}
         out: dict[str, _Family] = {}
         # metric and sample names -> the path that took them
         claims: dict[str, str] = {}
@@ -278,7 +297,7 @@ def render(snapshot_fn: Callable[[], Any] | Mapping[str, Any], **kwargs: Any) ->
     Args:
         snapshot_fn: as for :class:`SnapshotCollector` (a plain mapping works
             too).
-        **kwargs: ``prefix``, ``label_levels``, ``counters``.
+        **kwargs: ``prefix``, ``label_levels``, ``counters``, ``max_tenants``.
 
     Returns:
         Prometheus text format (version 0.0.4).
@@ -318,7 +337,7 @@ def start_http_server(
         snapshot_fn: as for :class:`SnapshotCollector`.
         port: TCP port (0 picks a free one: read ``server.server_port``).
         addr: address to bind.
-        **kwargs: ``prefix``, ``label_levels``, ``counters``.
+        **kwargs: ``prefix``, ``label_levels``, ``counters``, ``max_tenants``.
 
     Returns:
         ``(server, thread)``; ``server.shutdown()`` then ``server.server_close()``
