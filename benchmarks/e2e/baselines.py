@@ -475,13 +475,10 @@ def run_llmprod(
         warmup_s = time.perf_counter() - t
         # Count the measured run only: a fresh recorder when the engine has one.
         metrics_scope = "warm-up and measured run"
-        recorder = getattr(engine, "_metrics", None)
-        if recorder is not None:
-            try:
-                engine._metrics = type(recorder)()
-                metrics_scope = "measured run"
-            except TypeError:
-                pass
+        recorder = getattr(engine, "recorder", None)
+        if recorder is not None and hasattr(recorder, "reset"):
+            recorder.reset()
+            metrics_scope = "measured run"
         reqs = sorted(wl.requests, key=lambda r: (r.arrival_s, r.index))
         if all(r.arrival_s == 0 for r in reqs):
             t0 = time.perf_counter()

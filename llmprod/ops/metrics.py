@@ -163,6 +163,18 @@ class MetricsRecorder:
         self, window: int = 10_000, max_tenants: int = DEFAULT_MAX_TENANTS
     ) -> None:
         self._lock = threading.Lock()
+        self._window = window
+        self._max_tenants = _check_max_tenants(max_tenants)
+        self._clear()
+
+    def reset(self) -> None:
+        """Start counting afresh (a benchmark's measured run after its warm-up).
+        Call it while no request is in flight."""
+        with self._lock:
+            self._clear()
+
+    def _clear(self) -> None:
+        window = self._window
         self.start_time = time.monotonic()
         self.counts = {"submitted": 0, "completed": 0, "aborted": 0, "errored": 0}
         self.tokens = {"prompt": 0, "completion": 0, "cached_prompt": 0}
@@ -171,7 +183,6 @@ class MetricsRecorder:
         self.tenants: dict[str, dict[str, float]] = {}
         # named tenants with nothing in flight, least recently active first
         self._idle: OrderedDict[str, None] = OrderedDict()
-        self._max_tenants = _check_max_tenants(max_tenants)
         self.samples: dict[str, deque[float]] = {
             k: deque(maxlen=window) for k in ("queued", "ttft", "tpot", "e2e")
         }
