@@ -10,18 +10,30 @@ without complaint. This backend closes both gaps:
 * Each value is framed with a checksum (see :mod:`llmprod.cache._frame`) that is
   checked on every read; a mismatch removes the entry and reads as a miss.
 * A database that SQLite cannot read (an overwritten header, a torn file) is moved
-  aside into ``<dir>/corrupt-<time>-<pid>/`` and a fresh one is created.
+  aside into ``<dir>/corrupt-<time>-<pid>-<id>/`` with its value files, and a fresh
+  one is created. Nothing else in the directory is moved.
 
-Options are forwarded to :class:`diskcache.Cache` untouched (``size_limit``,
+Like Redis, the store fails open: a directory that cannot be used (a path under
+``/proc``, a regular file, a read-only mount) does not fail construction; every
+call raises the ``OSError`` or ``sqlite3`` error until the directory becomes usable,
+and :class:`~llmprod.cache.failsafe.FailSafeCache` reports the backend as down. A
+directory removed while in use is noticed on the next call (the database file is
+checked before each one) and is not recreated: calls fail until someone creates it
+again, so writes never go to an unlinked database.
+
+Options are forwarded to :class:`diskcache.Cache` (``size_limit``,
 ``eviction_policy``, ``disk_min_file_size``...), except ``timeout``, the SQLite
-busy timeout, which defaults to 2 s here instead of diskcache's 60 s.
+busy timeout, which defaults to 2 s here instead of diskcache's 60 s. An option
+diskcache does not know raises :class:`~llmprod.errors.InvalidConfigError`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -42,11 +54,18 @@ from llmprod.cache.protocol import (
     check_value,
 )
 from llmprod.cache.registry import parse_query
+from llmprod.errors import InvalidConfigError
 
 logger = logging.getLogger("llmprod.cache")
 
 DEFAULT_TIMEOUT_S = 2.0
-_DB_FILES = ("cache.db", "cache.db-wal", "cache.db-shm")
+_DB_FILE = "cache.db"
+_DB_FILES = (_DB_FILE, "cache.db-wal", "cache.db-shm")
+# diskcache's value files: <2 hex>/<2 hex>/<28 hex>.val (Disk.filename).
+_HEX2 = re.compile(r"[0-9a-f]{2}")
+_VALUE_FILE = re.compile(r"[0-9a-f]{28}\.val")
+OPTIONS = ("timeout", *sorted(diskcache.DEFAULT_SETTINGS))
+"""The options :class:`DiskCache` accepts, in the query string or as keywords."""
 
 T = TypeVar("T")
 
@@ -114,9 +133,14 @@ class DiskCache:
     >>> cache.close()
 
     Args:
-        directory: the cache directory; created if missing.
+        directory: the cache directory; created if missing when first opened. An
+            unusable directory does not raise here: every call raises until it
+            can be opened.
         timeout: SQLite busy timeout in seconds.
-        **settings: forwarded to :class:`diskcache.Cache` untouched.
+        **settings: :class:`diskcache.Cache` settings (see :data:`OPTIONS`).
+
+    Raises:
+        InvalidConfigError: a setting diskcache does not know.
     """
 
     name: ClassVar[str] = "diskcache"
@@ -129,11 +153,22 @@ class DiskCache:
     ) -> None:
         if "disk" in settings:
             raise ValueError("DiskCache always uses BytesOnlyDisk; drop 'disk'")
+        unknown = sorted(set(settings) - set(OPTIONS))
+        if unknown:
+            raise InvalidConfigError(
+                f"unknown diskcache option(s) {', '.join(unknown)}; accepted: "
+                + ", ".join(OPTIONS),
+                field="cache",
+            )
         self.directory = Path(directory)
         self._timeout = timeout
         self._settings = settings
         self._swap_lock = threading.Lock()
-        self._cache = self._open()
+        self._cache: diskcache.Cache | None = None
+        self._db_id: tuple[int, int] | None = None
+        self._opened = False
+        with contextlib.suppress(OSError, sqlite3.Error):
+            self._cache = self._open()  # else: the first call retries and raises
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> DiskCache:
@@ -141,11 +176,12 @@ class DiskCache:
 
         Args:
             url: the directory as a URL; a query string (``?size_limit=N``)
-                adds options.
+                adds options (see :data:`OPTIONS`).
             **options: forwarded to :class:`DiskCache`; they win over the query.
 
         Returns:
-            The opened cache.
+            The cache (opened, or failing each call while the directory is
+            unusable).
         """
         parts = urlsplit(url)
         path = unquote(parts.netloc + parts.path)
@@ -186,27 +222,66 @@ class DiskCache:
 
     def close(self) -> None:
         """Close this thread's database connection. Calling it again does nothing."""
-        self._cache.close()
+        cache = self._cache
+        if cache is not None:
+            cache.close()
 
     def _open(self) -> diskcache.Cache:
+        if self._opened and not self.directory.is_dir():
+            # Removed while in use (or unmounted): recreating it here could write
+            # somewhere nobody looks. Fail until it is back.
+            raise FileNotFoundError(
+                errno.ENOENT,
+                "diskcache directory was removed while in use; it is not recreated",
+                str(self.directory),
+            )
         try:
-            return self._new_cache()
+            cache = self._new_cache()
         except sqlite3.DatabaseError as exc:
             if isinstance(exc, sqlite3.OperationalError):
                 raise
             self._move_aside(exc)
-            return self._new_cache()
+            cache = self._new_cache()
+        self._opened = True
+        return cache
 
     def _new_cache(self) -> diskcache.Cache:
-        return diskcache.Cache(
+        cache = diskcache.Cache(
             str(self.directory),
             timeout=self._timeout,
             disk=BytesOnlyDisk,
             **self._settings,
         )
+        self._db_id = _file_id(self.directory / _DB_FILE)
+        return cache
+
+    def _current(self) -> diskcache.Cache:
+        """The open cache, after checking its database is still the one on disk.
+
+        SQLite keeps writing to a database file that was deleted (with its
+        directory) or replaced, so each call first compares the file's identity.
+        """
+        cache = self._cache
+        if cache is not None and _file_id(self.directory / _DB_FILE) == self._db_id:
+            return cache
+        with self._swap_lock:
+            cache = self._cache
+            if cache is not None:
+                if _file_id(self.directory / _DB_FILE) == self._db_id:
+                    return cache  # another thread reopened it
+                cache.close()
+                self._cache = None
+                logger.warning(
+                    "diskcache database in %s was removed or replaced while in "
+                    "use; closed it (it is reopened only where the directory "
+                    "still exists)",
+                    self.directory,
+                )
+            self._cache = self._open()
+            return self._cache
 
     def _call(self, op: Callable[[diskcache.Cache], T]) -> T:
-        cache = self._cache
+        cache = self._current()
         try:
             return op(cache)
         except sqlite3.DatabaseError as exc:
@@ -219,21 +294,30 @@ class DiskCache:
 
     def _recover(self, broken: diskcache.Cache, exc: BaseException) -> None:
         with self._swap_lock:
-            if self._cache is not broken:
+            cache = self._cache
+            if cache is None or cache is not broken:
                 return  # another thread already recovered
-            broken.close()
+            cache.close()
+            self._cache = None
             self._move_aside(exc)
             self._cache = self._new_cache()
 
     def _move_aside(self, exc: BaseException) -> None:
+        """Move the database and its value files, and nothing else, aside."""
         stamp = time.strftime("%Y%m%dT%H%M%S")
         target = self.directory / f"corrupt-{stamp}-{os.getpid()}-{id(exc):x}"
         target.mkdir(parents=True)
-        for entry in self.directory.iterdir():
-            if entry.name.startswith("corrupt-"):
-                continue
+        for name in _DB_FILES:
             with contextlib.suppress(FileNotFoundError):
-                entry.rename(target / entry.name)
+                (self.directory / name).rename(target / name)
+        for path in _value_files(self.directory):
+            relative = path.relative_to(self.directory)
+            with contextlib.suppress(FileNotFoundError):
+                (target / relative.parent).mkdir(parents=True, exist_ok=True)
+                path.rename(target / relative)
+        for sub in sorted(_value_dirs(self.directory), reverse=True):
+            with contextlib.suppress(OSError):
+                sub.rmdir()  # only if empty: someone else's file keeps it
         logger.warning(
             "diskcache database in %s is unreadable (%s); moved it to %s and "
             "started an empty one",
@@ -243,5 +327,41 @@ class DiskCache:
         )
 
     def _discard(self, key: str) -> None:
-        with contextlib.suppress(Exception):
-            self._cache.delete(key)
+        cache = self._cache
+        if cache is not None:
+            with contextlib.suppress(Exception):
+                cache.delete(key)
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _value_dirs(directory: Path) -> list[Path]:
+    """diskcache's two levels of value directories (``ab`` and ``ab/cd``)."""
+    out = []
+    for top in directory.iterdir():
+        if top.is_symlink() or not top.is_dir() or not _HEX2.fullmatch(top.name):
+            continue
+        out.append(top)
+        out.extend(
+            sub
+            for sub in top.iterdir()
+            if not sub.is_symlink() and sub.is_dir() and _HEX2.fullmatch(sub.name)
+        )
+    return out
+
+
+def _value_files(directory: Path) -> list[Path]:
+    """The value files diskcache wrote: ``ab/cd/<28 hex>.val``, nothing else."""
+    return [
+        f
+        for sub in _value_dirs(directory)
+        if sub.parent != directory
+        for f in sub.iterdir()
+        if not f.is_symlink() and f.is_file() and _VALUE_FILE.fullmatch(f.name)
+    ]

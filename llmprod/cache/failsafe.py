@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 from typing import ClassVar
+from urllib.parse import urlsplit, urlunsplit
 
 from llmprod.cache.protocol import (
     CacheBackend,
@@ -52,6 +53,50 @@ def backend_label(backend: CacheBackend) -> str:
     """
     label = getattr(backend, "label", None)
     return label if isinstance(label, str) and label else backend.name
+
+
+def backend_target(backend: CacheBackend) -> str:
+    """Name ``backend`` and where it lives, for a log line.
+
+    >>> from llmprod.cache.memory import MemoryCache
+    >>> backend_target(FailSafeCache(MemoryCache()))
+    'memory'
+
+    Args:
+        backend: any backend, bare or wrapped in a :class:`FailSafeCache`.
+
+    Returns:
+        Its label, followed by its URL or directory in parentheses when it has
+        one. Passwords and query strings (which may hold keys) are left out.
+    """
+    inner = backend.backend if isinstance(backend, FailSafeCache) else backend
+    where = getattr(inner, "url", None)
+    if isinstance(where, str) and where:
+        where = redact_url(where)
+    else:
+        directory = getattr(inner, "directory", None)
+        where = "" if directory is None else str(directory)
+    label = backend_label(backend)
+    return f"{label} ({where})" if where else label
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` without its user info, query string and fragment.
+
+    >>> redact_url("redis://:pw@cachehost:6379/0?ssl_cert_reqs=none")
+    'redis://***@cachehost:6379/0'
+
+    Args:
+        url: any URL.
+
+    Returns:
+        The URL safe to log: user info becomes ``***``.
+    """
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 class FailSafeCache:
@@ -257,7 +302,7 @@ class FailSafeCache:
         logger.warning(
             "cache backend %s: %s failed (%s: %s); treated as a miss "
             "(%d similar failures not logged since the last warning)",
-            self.label,
+            backend_target(self),
             op,
             type(exc).__name__,
             exc,

@@ -12,7 +12,12 @@ protocol, and a scheme llmprod does not register itself falls through to fsspec
 when fsspec knows it (``gcs://``, ``az://``...).
 
 S3 through s3fs. Pass ``endpoint_url``, ``key``, ``secret`` (and any other
-:class:`s3fs.S3FileSystem` argument) as options. s3fs and botocore each retry a
+:class:`s3fs.S3FileSystem` argument) as options. The simple ones may be given in
+the query string instead (``s3://bucket/prefix?endpoint_url=http://host:9000``, see
+:data:`S3_QUERY_OPTIONS`); keyword options win over the query. A query option that
+is not in that list (``client_kwargs``, a typo) raises
+:class:`~llmprod.errors.InvalidConfigError` rather than becoming part of the
+object path; other protocols take no query options. s3fs and botocore each retry a
 dead endpoint with backoff (seconds per call), and s3fs raises botocore's
 ``EndpointConnectionError``, which is not an ``OSError``. This backend sets one
 attempt and short timeouts by default (``retries=1``, ``connect_timeout=1.0``,
@@ -28,6 +33,7 @@ import os
 import time
 import uuid
 from typing import Any, ClassVar
+from urllib.parse import parse_qsl
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -40,9 +46,32 @@ from llmprod.cache.protocol import (
     check_ttl,
     check_value,
 )
+from llmprod.errors import InvalidConfigError
 
 PREFIX = "fsspec+"
 _S3_PROTOCOLS = ("s3", "s3a")
+DEFAULT_RETRIES = 1
+DEFAULT_CONNECT_S = 1.0
+DEFAULT_READ_S = 10.0
+
+S3_QUERY_OPTIONS: dict[str, type] = {
+    "endpoint_url": str,
+    "key": str,
+    "secret": str,
+    "token": str,
+    "profile": str,
+    "anon": bool,
+    "use_ssl": bool,
+    "requester_pays": bool,
+    "version_aware": bool,
+    "retries": int,
+    "connect_timeout": float,
+    "read_timeout": float,
+}
+"""The options an ``s3://`` URL may carry in its query string, with their types."""
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
 
 
 class FsspecCache:
@@ -56,10 +85,14 @@ class FsspecCache:
 
     Args:
         url: the root, e.g. ``s3://bucket/prefix`` or ``fsspec+memory://root``.
-        retries: S3 only: attempts per call, for s3fs and botocore alike.
-        connect_timeout: S3 only: seconds to wait for a connection.
-        read_timeout: S3 only: seconds to wait on a read.
+        retries: S3 only: attempts per call, for s3fs and botocore alike (1).
+        connect_timeout: S3 only: seconds to wait for a connection (1.0).
+        read_timeout: S3 only: seconds to wait on a read (10.0).
         **storage_options: forwarded to the fsspec filesystem untouched.
+
+    Raises:
+        InvalidConfigError: the URL's query string holds an option that is not
+            accepted there (see :func:`split_query`).
     """
 
     name: ClassVar[str] = "fsspec"
@@ -68,16 +101,26 @@ class FsspecCache:
         self,
         url: str,
         *,
-        retries: int = 1,
-        connect_timeout: float = 1.0,
-        read_timeout: float = 10.0,
+        retries: int | None = None,
+        connect_timeout: float | None = None,
+        read_timeout: float | None = None,
         **storage_options: Any,
     ) -> None:
         if url.startswith(PREFIX):
             url = url[len(PREFIX) :]
         protocol = url.split("://", 1)[0] if "://" in url else "file"
+        url, query = split_query(url, protocol)
         self.label = protocol
         self.url = url
+        # Keyword options win over the query string, which wins over defaults.
+        retries = _pick(retries, query.pop("retries", None), DEFAULT_RETRIES)
+        connect_timeout = _pick(
+            connect_timeout, query.pop("connect_timeout", None), DEFAULT_CONNECT_S
+        )
+        read_timeout = _pick(
+            read_timeout, query.pop("read_timeout", None), DEFAULT_READ_S
+        )
+        storage_options = {**query, **storage_options}
         if protocol in _S3_PROTOCOLS:
             storage_options = _s3_options(
                 storage_options, retries, connect_timeout, read_timeout
@@ -171,6 +214,73 @@ class FsspecCache:
     def _discard(self, path: str) -> None:
         with contextlib.suppress(Exception):
             self.fs.rm_file(path)
+
+
+def split_query(url: str, protocol: str) -> tuple[str, dict[str, Any]]:
+    """Split the query string off an fsspec URL and parse it into options.
+
+    >>> split_query("s3://bucket/prefix?endpoint_url=http://127.0.0.1:9000&anon=true", "s3")
+    ('s3://bucket/prefix', {'endpoint_url': 'http://127.0.0.1:9000', 'anon': True})
+
+    Args:
+        url: the URL (without the ``fsspec+`` prefix).
+        protocol: its protocol; only ``s3``/``s3a`` accept query options.
+
+    Returns:
+        The URL without its query string, and the options it carried, typed as
+        :data:`S3_QUERY_OPTIONS` says.
+
+    Raises:
+        InvalidConfigError: an option that is not accepted, given twice, or whose
+            value does not parse; the message lists the accepted options.
+    """
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url, {}
+    accepted = S3_QUERY_OPTIONS if protocol in _S3_PROTOCOLS else {}
+    listed = ", ".join(accepted) or "none"
+    out: dict[str, Any] = {}
+    for name, raw in parse_qsl(query, keep_blank_values=True):
+        kind = accepted.get(name)
+        if kind is None:
+            raise InvalidConfigError(
+                f"{protocol}:// cache URL option {name!r} is not read from the "
+                f"query string; accepted there: {listed}. Pass other storage "
+                "options (client_kwargs, config_kwargs...) as keyword arguments "
+                "to open_cache",
+                field="cache",
+            )
+        if name in out:
+            raise InvalidConfigError(
+                f"{protocol}:// cache URL gives option {name!r} twice", field="cache"
+            )
+        out[name] = _parse_option(protocol, name, raw, kind)
+    return base, out
+
+
+def _pick(given: Any, from_query: Any, default: Any) -> Any:
+    if given is not None:
+        return given
+    return default if from_query is None else from_query
+
+
+def _parse_option(protocol: str, name: str, raw: str, kind: type) -> Any:
+    if kind is str and raw:
+        return raw
+    if kind is bool and raw.lower() in _TRUE + _FALSE:
+        return raw.lower() in _TRUE
+    if kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    expected = {str: "a non-empty string", bool: "true or false"}.get(
+        kind, f"a number ({kind.__name__})"
+    )
+    raise InvalidConfigError(
+        f"{protocol}:// cache URL option {name}={raw!r} must be {expected}",
+        field="cache",
+    )
 
 
 def _s3_options(

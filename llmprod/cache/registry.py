@@ -111,6 +111,8 @@ def open_cache(url: str, **options: Any) -> CacheBackend:
     Args:
         url: e.g. ``memory://?max_bytes=N``, ``diskcache:///dir``,
             ``redis://host:port/db``, ``s3://bucket/prefix``, ``file:///dir``.
+            ``memory``, ``diskcache`` and ``s3`` URLs may carry options in their
+            query string (``s3://bucket/prefix?endpoint_url=http://host:9000``).
         **options: forwarded to the backend untouched (e.g. ``endpoint_url``,
             ``key`` and ``secret`` for S3; ``size_limit`` for diskcache).
 
@@ -121,7 +123,9 @@ def open_cache(url: str, **options: Any) -> CacheBackend:
 
     Raises:
         InvalidConfigError: a ``ValueError``; the URL has no scheme or an unknown
-            one (the message lists the accepted schemes).
+            one (the message lists the accepted schemes), or the query string
+            of a ``diskcache`` or fsspec URL holds an option the backend does not
+            read (the message lists those it does).
         MissingDependencyError: an ``ImportError``; the backend's packages are
             missing (the message says which extra to install).
     """

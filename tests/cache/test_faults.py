@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -28,6 +29,7 @@ from typing import Any
 import diskcache
 import pytest
 
+from llmprod import SamplingParams
 from llmprod.cache import (
     CorruptEntryError,
     FailSafeCache,
@@ -205,6 +207,21 @@ def test_redis_down_at_open(caplog: pytest.LogCaptureFixture) -> None:
     assert cache.stats() == {
         "hits": 0, "misses": 1, "errors": 1, "sets": 0, "set_errors": 1,
     }  # fmt: skip
+    cache.close()
+
+
+@pytest.mark.redis
+def test_down_warning_names_the_url_without_its_password(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    port = free_port()  # nothing listens there
+    cache = FailSafeCache(open_cache(f"redis://:hunter2@127.0.0.1:{port}/0"))
+    with caplog.at_level(logging.WARNING, logger="llmprod.cache"):
+        assert cache.ping() is False
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert f"redis (redis://***@127.0.0.1:{port}/0)" in message
+    assert "hunter2" not in message
     cache.close()
 
 
@@ -439,6 +456,197 @@ def test_sigkilled_writer_loses_nothing_it_reported(tmp_path: Path) -> None:
         value_for("w", last + 1, 100 if (last + 1) % 2 else FILE_SIZED),
     )
     backend.close()
+
+
+# --- diskcache directories that cannot be used, or vanish (F2 for diskcache) -----
+
+ENGINE_GREEDY_TOKENS = 8
+
+
+def _unusable_dirs(tmp_path: Path) -> dict[str, Path]:
+    """Directories diskcache cannot open, each for a reason that holds for root.
+
+    The tests run as root, for whom a chmod-read-only directory is still
+    writable, and mounting a read-only tmpfs needs privileges a test should not
+    assume; so these cases fail for root as they would for anyone.
+    """
+    regular = tmp_path / "a-regular-file"
+    regular.write_bytes(b"not a directory")
+    return {
+        # procfs refuses to create entries: mkdir fails with ENOENT.
+        "under-proc": Path(f"/proc/llmprod-test-{uuid.uuid4().hex}"),
+        # The path exists but is a file: SQLite cannot open "<file>/cache.db".
+        "regular-file": regular,
+        # A directory cannot be created under a file: ENOTDIR.
+        "under-a-file": regular / "cache",
+    }
+
+
+def test_unusable_diskcache_url_engine_starts_serves_and_reports_down(
+    make_engine: Any, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    path = _unusable_dirs(tmp_path)["under-proc"]
+    url = f"diskcache://{path}"
+    with caplog.at_level(logging.WARNING):
+        eng = make_engine(kv_cache_memory="64MiB", cache=url)  # does not raise
+    # The warning names the backend and its directory.
+    failed = [r.getMessage() for r in caplog.records if "ping failed" in r.getMessage()]
+    assert any(f"diskcache ({path})" in m for m in failed), caplog.text
+    assert any("down at start" in r.getMessage() for r in caplog.records)
+    assert eng.answers.exact.backend.is_down
+
+    params = SamplingParams(max_tokens=ENGINE_GREEDY_TOKENS, temperature=0)
+    out = eng.generate("Name a colour.", params)[0]
+    assert out.finish_reason in ("stop", "length") and out.token_ids
+    assert eng.answers.exact.flush(10.0)
+    again = eng.generate("Name a colour.", params)[0]
+    assert again.cache_hit is None and again.token_ids == out.token_ids
+    response = eng.metrics().cache["response"]
+    tier = response["backend"]["diskcache"]
+    assert tier["errors"] >= 1 and tier["set_errors"] >= 1
+    assert tier["hits"] == 0 and tier["sets"] == 0
+    assert response["writes"] == 0 and response["failed_writes"] >= 1
+    assert not path.exists()
+
+
+def test_unusable_diskcache_tiers_are_skipped_and_hot_tier_serves(
+    make_engine: Any, tmp_path: Path
+) -> None:
+    cases = _unusable_dirs(tmp_path)
+    tiers = TieredCache(
+        [open_cache("memory://")]
+        + [open_cache(f"diskcache://{path}") for path in cases.values()]
+    )
+    eng = make_engine(kv_cache_memory="64MiB", cache=tiers)  # does not raise
+    labels = tiers.labels[1:]
+    assert labels == ["diskcache", "diskcache-1", "diskcache-2"]
+    assert all(tier.is_down for tier in tiers.tiers[1:])
+
+    params = SamplingParams(max_tokens=ENGINE_GREEDY_TOKENS, temperature=0)
+    out = eng.generate("Name a river.", params)[0]
+    assert out.finish_reason in ("stop", "length") and out.token_ids
+    assert eng.answers.exact.flush(10.0)
+    again = eng.generate("Name a river.", params)[0]
+    assert again.cache_hit == "memory" and again.token_ids == out.token_ids
+    backend = eng.metrics().cache["response"]["backend"]
+    assert backend["memory"]["sets"] == 1 and backend["memory"]["hits"] == 1
+    for label in labels:
+        assert backend[label]["errors"] >= 1, (label, backend)
+        assert backend[label]["set_errors"] >= 1 and backend[label]["sets"] == 0
+    regular = cases["regular-file"]
+    assert regular.read_bytes() == b"not a directory"  # left alone
+
+
+@pytest.mark.skipif(
+    os.geteuid() == 0, reason="root writes to a chmod-read-only directory anyway"
+)
+def test_read_only_diskcache_directory_is_down(tmp_path: Path) -> None:
+    directory = tmp_path / "ro"
+    directory.mkdir()
+    directory.chmod(0o555)
+    try:
+        cache = FailSafeCache(open_cache(f"diskcache://{directory}"))
+        assert cache.ping() is False and cache.is_down
+        cache.set("k", b"v")
+        assert cache.get("k") is None
+        assert cache.stats()["set_errors"] == 1 and cache.stats()["sets"] == 0
+    finally:
+        directory.chmod(0o755)
+
+
+def test_unusable_directory_raises_on_each_call_and_recovers(tmp_path: Path) -> None:
+    regular = _unusable_dirs(tmp_path)["regular-file"]
+    backend = DiskCache(regular)  # opening does not raise, like Redis
+    for call in (lambda: backend.get("k"), lambda: backend.set("k", b"v")):
+        with pytest.raises((OSError, sqlite3.Error)):
+            call()
+    regular.unlink()  # the path becomes usable: the next call opens it
+    backend.set("k", b"v")
+    assert backend.get("k") == b"v" and (regular / "cache.db").is_file()
+    backend.close()
+
+
+def test_directory_deleted_mid_run_writes_are_errors_reads_are_misses(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = tmp_path / "dc"
+    backend = DiskCache(directory)
+    cache = FailSafeCache(backend, cooldown_s=0)
+    cache.set("small", b"inline")
+    cache.set("big", b"x" * FILE_SIZED)
+    assert cache.get("small") == b"inline"
+
+    shutil.rmtree(directory)  # SQLite would keep writing to the unlinked file
+
+    with caplog.at_level(logging.WARNING, logger="llmprod.cache"):
+        cache.set("after", b"lost")  # no exception reaches the caller
+        cache.set("after-big", b"y" * FILE_SIZED)
+        assert cache.get("small") is None
+        assert cache.get("after") is None
+    stats = cache.stats()
+    assert stats["sets"] == 2 and stats["set_errors"] == 2
+    assert stats["hits"] == 1 and stats["misses"] == 2 and stats["errors"] == 2
+    assert cache.is_down
+    assert not directory.exists()  # not recreated behind the operator's back
+    assert any("removed" in r.getMessage() for r in caplog.records)
+    with pytest.raises(FileNotFoundError):  # the bare backend says why
+        backend.get("small")
+
+    directory.mkdir()  # someone restores the directory: a fresh, empty store
+    cache.set("back", b"again")
+    assert cache.get("back") == b"again" and not cache.is_down
+    assert cache.get("small") is None
+    reader = DiskCache(directory)  # the write went to the file on disk
+    assert reader.get("back") == b"again"
+    reader.close()
+    cache.close()
+
+
+def test_database_file_replaced_mid_run_is_reopened(tmp_path: Path) -> None:
+    backend = DiskCache(tmp_path)
+    backend.set("old", b"1")
+    for name in ("cache.db", "cache.db-wal", "cache.db-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            (tmp_path / name).unlink()
+    backend.set("new", b"2")  # goes to a new database file, not the unlinked one
+    reader = DiskCache(tmp_path)
+    assert reader.get("new") == b"2" and reader.get("old") is None
+    reader.close()
+    backend.close()
+
+
+def test_corrupt_database_moved_aside_without_other_files(tmp_path: Path) -> None:
+    user_files = {
+        "notes.txt": b"mine",
+        "cache.txt": b"also mine",
+        "data/table.csv": b"a,b\n",
+        "ab/readme.txt": b"a directory with a value-directory name",
+        "ab/cd/0123456789abcdef0123456789ab.txt": b"not a .val",
+    }
+    for name, data in user_files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    backend = DiskCache(tmp_path)
+    backend.set("inline", b"v")
+    backend.set("file", b"x" * FILE_SIZED)
+    (value_file,) = _value_files(tmp_path)
+    backend.close()
+    with open(tmp_path / "cache.db", "r+b") as f:
+        f.write(b"\xde\xad\xbe\xef" * 25)  # the 100-byte SQLite header
+
+    reopened = DiskCache(tmp_path)
+    assert reopened.get("inline") is None and reopened.get("file") is None
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("corrupt-")]
+    moved = sorted(str(p.relative_to(aside)) for p in aside.rglob("*") if p.is_file())
+    assert "cache.db" in moved
+    assert str(value_file.relative_to(tmp_path)) in moved  # its value file too
+    assert not value_file.exists()
+    for name, data in user_files.items():  # everything else stays where it was
+        assert (tmp_path / name).read_bytes() == data, name
+        assert name not in moved
+    reopened.set("inline", b"new")
+    assert reopened.get("inline") == b"new"
+    reopened.close()
 
 
 # --- S3 (F4) ---------------------------------------------------------------------
