@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from llmprod.errors import InvalidConfigError
+from llmprod.sampling_params import SEED_RANGE
 
 if TYPE_CHECKING:
     from llmprod.cache.protocol import CacheBackend
@@ -61,6 +63,105 @@ DEFAULT_SEMANTIC_THRESHOLD = 0.90
 """Cosine similarity (MiniLM) at which a semantic cache lookup is a hit; measured
 on paraphrase pairs in docs/caching.md."""
 
+CACHE_SCOPES = ("tenant", "shared")
+"""Values of :attr:`EngineConfig.cache_scope`."""
+
+
+# ---------------------------------------------------------------------- checks
+def _fail(
+    name: str, value: object, allowed: str, field: str | None = None
+) -> InvalidConfigError:
+    """The error of a bad option: its name, its value and what is allowed
+    (``field``: the option, when ``name`` is one entry of it)."""
+    return InvalidConfigError(f"{name}={value!r} is invalid: {allowed}", field or name)
+
+
+def _is_int(x: object) -> TypeGuard[int]:
+    """An int, not a bool."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_finite(x: object) -> TypeGuard[int | float]:
+    """An int or float, not a bool, not NaN or infinite."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_choice(name: str, value: object, choices: tuple[str | None, ...]) -> None:
+    if not (value is None or isinstance(value, str)) or value not in choices:
+        raise _fail(name, value, f"must be one of {choices}")
+
+
+def _check_int(name: str, value: object, low: int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not (_is_int(value) and value >= low):
+        none = "None or " if optional else ""
+        raise _fail(name, value, f"must be {none}an int >= {low}")
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise _fail(name, value, "must be True or False")
+
+
+def _check_cache(name: str, value: object) -> None:
+    """None, a URL ``scheme://...`` or an object with the cache backend methods
+    (duck-typed: no backend is imported here)."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.\-]*://.*", value, re.DOTALL):
+            raise _fail(name, value, "a cache URL must look like 'scheme://...'")
+        return
+    methods = ("get", "set", "delete", "close")
+    missing = [m for m in methods if not callable(getattr(value, m, None))]
+    if missing:
+        raise _fail(
+            name,
+            value,
+            "must be None, a cache URL or a backend with get/set/delete/close "
+            f"(missing: {', '.join(missing)})",
+        )
+
+
+def _check_engine_ops(c: EngineConfig) -> None:
+    """Check prices, limits and guards. Their modules import without torch or
+    numpy, and only when the option is set."""
+    if c.prices is not None:
+        from llmprod.ops.pricing import PriceTable
+
+        if not isinstance(c.prices, PriceTable):
+            raise _fail("prices", c.prices, "must be None or a PriceTable")
+    if c.limits is not None or c.default_limits is not None:
+        from llmprod.ops.limits import TenantLimits, Throttle
+
+        d = c.default_limits
+        if d is not None and not isinstance(d, TenantLimits):
+            raise _fail("default_limits", d, "must be None or TenantLimits")
+        lim = c.limits
+        if not (lim is None or isinstance(lim, (Mapping, Throttle))):
+            raise _fail(
+                "limits", lim, "must be None, {tenant: TenantLimits} or a Throttle"
+            )
+        for tenant, tl in lim.items() if isinstance(lim, Mapping) else ():
+            if not isinstance(tenant, str) or not tenant:
+                raise _fail("limits", lim, f"tenant {tenant!r} is not a non-empty str")
+            if not isinstance(tl, TenantLimits):
+                raise _fail(f"limits[{tenant!r}]", tl, "must be TenantLimits", "limits")
+    if c.guards is not None and not isinstance(c.guards, (list, tuple)):
+        raise _fail("guards", c.guards, "must be None or a list of guards")
+    for i, g in enumerate(c.guards or ()):
+        if not isinstance(getattr(g, "name", None), str) or not callable(
+            getattr(g, "check", None)
+        ):
+            raise _fail(
+                f"guards[{i}]",
+                g,
+                "a guard needs a str 'name' and a 'check(text, where)' method "
+                "(llmprod.ops.guards.Guard)",
+                "guards",
+            )
+
 
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
@@ -78,18 +179,13 @@ class CacheConfig:
     """Reuse the KV of full blocks shared with earlier prompts."""
 
     def __post_init__(self) -> None:
-        if self.block_size is not None and (
-            self.block_size < 1 or self.block_size & (self.block_size - 1)
-        ):
-            raise InvalidConfigError(
-                f"{self.block_size=} must be a power of two >= 1", "block_size"
-            )
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
-            raise InvalidConfigError(
-                f"{self.num_kv_blocks=} must be >= 2", "num_kv_blocks"
-            )
+        bs = self.block_size
+        if bs is not None and not (_is_int(bs) and bs >= 1 and not bs & (bs - 1)):
+            raise _fail("block_size", bs, "must be None or a power of two >= 1")
+        _check_int("num_kv_blocks", self.num_kv_blocks, 2, optional=True)
         if self.kv_cache_memory is not None:
             parse_bytes(self.kv_cache_memory)
+        _check_bool("enable_prefix_caching", self.enable_prefix_caching)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,19 +202,37 @@ class SchedulerConfig:
     """Relative shares of admission across tenants (default: equal)."""
 
     def __post_init__(self) -> None:
-        if self.max_num_seqs < 1:
-            raise InvalidConfigError(
-                f"{self.max_num_seqs=} must be >= 1", "max_num_seqs"
-            )
-        if self.max_num_batched_tokens < 1:
-            raise InvalidConfigError(
-                f"{self.max_num_batched_tokens=} must be >= 1", "max_num_batched_tokens"
-            )
+        _check_int("max_num_seqs", self.max_num_seqs, 1)
+        _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
         if self.max_num_seqs > self.max_num_batched_tokens:
-            raise InvalidConfigError(
-                f"{self.max_num_seqs=} must be <= {self.max_num_batched_tokens=}",
+            raise _fail(
                 "max_num_seqs",
+                self.max_num_seqs,
+                f"must be <= max_num_batched_tokens={self.max_num_batched_tokens}",
             )
+        w = self.max_wait_s
+        if w is not None and not (_is_finite(w) and w >= 0):
+            raise _fail(
+                "max_wait_s", w, "must be None (no bound) or a finite number >= 0"
+            )
+        tw = self.tenant_weights
+        if tw is None:
+            return
+        if not isinstance(tw, Mapping):
+            raise _fail("tenant_weights", tw, "must be None or {tenant: weight}")
+        for tenant, weight in tw.items():
+            if not isinstance(tenant, str) or not tenant:
+                raise _fail(
+                    "tenant_weights", tw, f"tenant {tenant!r} is not a non-empty str"
+                )
+            if not (_is_finite(weight) and weight > 0):
+                raise _fail(
+                    f"tenant_weights[{tenant!r}]",
+                    weight,
+                    "must be a finite number > 0",
+                    "tenant_weights",
+                )
+        object.__setattr__(self, "tenant_weights", dict(tw))
 
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -171,6 +285,11 @@ class EngineConfig:
     """Cosine similarity of a semantic hit (None: :data:`DEFAULT_SEMANTIC_THRESHOLD`)."""
     cache_ttl: float | None = None
     """Lifetime of cached answers in seconds (None: until evicted)."""
+    cache_scope: str = "tenant"
+    """Who shares cached work: "tenant" (default) partitions the answer caches
+    (exact, semantic) and the KV prefix cache by tenant, so a request reuses only
+    its own tenant's answers and prompt KV; "shared" (opt-in) lets every tenant
+    reuse every other tenant's entries."""
     seed: int = 0
     """Seed of the engine's generator for requests without their own seed."""
     num_threads: int | None = None
@@ -184,53 +303,60 @@ class EngineConfig:
     """:class:`llmprod.ops.limits.TenantLimits` for tenants not in ``limits``."""
     guards: Sequence[Guard] | None = None
     """Safety guards run on every prompt and output (``llmprod.ops.guards``)."""
+    allow_special_tokens_in_content: bool = False
+    """Whether special-token text (e.g. ``"<|im_end|>"``) inside chat message
+    content may become control tokens. False (default): it is tokenized as plain
+    text, so a message cannot close its turn or open another role's."""
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     """The paged KV cache."""
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     """Continuous batching limits."""
 
     def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise InvalidConfigError(f"{self.dtype=} must be one of {_DTYPES}", "dtype")
-        if self.attention_backend not in _BACKENDS:
-            raise InvalidConfigError(
-                f"{self.attention_backend=} must be one of {_BACKENDS}",
-                "attention_backend",
-            )
-        if self.linear_backend not in _LINEAR_BACKENDS:
-            raise InvalidConfigError(
-                f"{self.linear_backend=} must be one of {_LINEAR_BACKENDS}",
-                "linear_backend",
-            )
-        if self.greedy_screening not in _SCREENING:
-            raise InvalidConfigError(
-                f"{self.greedy_screening=} must be one of {_SCREENING}",
-                "greedy_screening",
-            )
-        if isinstance(self.quantization_skip, str) or not all(
-            isinstance(x, str) for x in self.quantization_skip
+        _check_choice("dtype", self.dtype, _DTYPES)
+        if not isinstance(self.device, str) or not re.fullmatch(
+            r"auto|cpu|cuda(:[0-9]+)?", self.device
         ):
-            raise InvalidConfigError(
-                f"{self.quantization_skip=} must be a list of module names",
-                "quantization_skip",
+            raise _fail("device", self.device, "must be 'auto', 'cpu' or 'cuda[:N]'")
+        _check_int("max_model_len", self.max_model_len, 2, optional=True)
+        _check_choice("attention_backend", self.attention_backend, _BACKENDS)
+        _check_choice("linear_backend", self.linear_backend, _LINEAR_BACKENDS)
+        _check_choice("greedy_screening", self.greedy_screening, _SCREENING)
+        _check_choice("model_impl", self.model_impl, _MODEL_IMPLS)
+        _check_choice("quantization", self.quantization, _QUANT)
+        skip = self.quantization_skip
+        try:  # any iterable of names but a bare string; read once (a generator)
+            names = None if isinstance(skip, (str, bytes)) else tuple(skip)
+        except TypeError:
+            names = None
+        if names is None or not all(isinstance(x, str) for x in names):
+            raise _fail("quantization_skip", skip, "must be a list of module names")
+        object.__setattr__(self, "quantization_skip", names)
+        _check_cache("cache", self.cache)
+        _check_cache("semantic_cache", self.semantic_cache)
+        t = self.semantic_threshold
+        if t is not None and not (_is_finite(t) and 0 < t <= 1):
+            raise _fail("semantic_threshold", t, "must be None or a number in (0, 1]")
+        ttl = self.cache_ttl
+        if ttl is not None and not (_is_finite(ttl) and ttl > 0):
+            raise _fail(
+                "cache_ttl", ttl, "must be None or a finite number > 0 (seconds)"
             )
-        object.__setattr__(self, "quantization_skip", tuple(self.quantization_skip))
-        if self.model_impl not in _MODEL_IMPLS:
-            raise InvalidConfigError(
-                f"{self.model_impl=} must be one of {_MODEL_IMPLS}", "model_impl"
+        _check_choice("cache_scope", self.cache_scope, CACHE_SCOPES)
+        lo, hi = SEED_RANGE
+        if not (_is_int(self.seed) and lo <= self.seed < hi):
+            raise _fail("seed", self.seed, "must be an int in [-2**63, 2**64)")
+        _check_int("num_threads", self.num_threads, 1, optional=True)
+        _check_bool(
+            "allow_special_tokens_in_content", self.allow_special_tokens_in_content
+        )
+        if not isinstance(self.cache_config, CacheConfig):
+            raise _fail("cache_config", self.cache_config, "must be a CacheConfig")
+        if not isinstance(self.scheduler_config, SchedulerConfig):
+            raise _fail(
+                "scheduler_config", self.scheduler_config, "must be a SchedulerConfig"
             )
-        if self.quantization not in _QUANT:
-            raise InvalidConfigError(
-                f"{self.quantization=} must be one of {_QUANT}", "quantization"
-            )
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise InvalidConfigError(
-                f"{self.max_model_len=} must be >= 2", "max_model_len"
-            )
-        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
-            raise InvalidConfigError(
-                f"{self.device=} must be 'auto', 'cpu' or 'cuda[:N]'", "device"
-            )
+        _check_engine_ops(self)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
@@ -259,10 +385,12 @@ class EngineConfig:
                 raise InvalidConfigError(
                     f"unknown engine option {key!r}; accepted: {', '.join(known)}", key
                 )
-        top["cache_config"] = replace(
-            top.get("cache_config", CacheConfig()), **cache_kw
-        )
-        top["scheduler_config"] = replace(
-            top.get("scheduler_config", SchedulerConfig()), **sched_kw
-        )
+        for name, kind, kw in (
+            ("cache_config", CacheConfig, cache_kw),
+            ("scheduler_config", SchedulerConfig, sched_kw),
+        ):
+            base = top.get(name, kind())
+            if not isinstance(base, kind):
+                raise _fail(name, base, f"must be a {kind.__name__}")
+            top[name] = replace(base, **kw)
         return cls(**top)

@@ -70,7 +70,11 @@ class AnswerCaches:
                 semantic_cache,
                 Embedder(),
                 self.fingerprint,
-                threshold=semantic_threshold or DEFAULT_SEMANTIC_THRESHOLD,
+                threshold=(
+                    DEFAULT_SEMANTIC_THRESHOLD
+                    if semantic_threshold is None
+                    else semantic_threshold
+                ),
                 ttl=ttl,
             )
 
