@@ -79,9 +79,9 @@ class Admission:
         self.device = device
         self.guards = list(config.guards or [])
         self.prices = config.prices
-        self.allow_special_tokens_in_content = bool(
-            getattr(config, "allow_special_tokens_in_content", False)
-        )
+        self.allow_special_tokens_in_content = config.allow_special_tokens_in_content
+        self.is_tenant_scoped = config.cache_scope == "tenant"
+        """Requests of different tenants share no KV prefix blocks."""
         self._added_token_texts = tuple(getattr(tokenizer, "added_tokens_encoder", {}))
         """Texts the tokenizer turns into one added (often control) token."""
         self.throttle = throttle
@@ -184,6 +184,8 @@ class Admission:
         )
         rid = f"req-{self._id_prefix}-{next(self._ids)}"
         req = Request(rid, ids, params, tenant=tenant, text=text, context=context)
+        if self.is_tenant_scoped:
+            req.cache_keys = (f"tenant:{tenant}",)
         if params.seed is not None:
             req.generator = seeded_generator(params.seed, self.device)
         if flags:
