@@ -24,3 +24,13 @@ def test_every_subpackage_is_packaged() -> None:
         f"add to pyproject packages: {sorted(found - listed)}"
     )
     assert "llmprod.kernels" in listed
+
+
+def test_the_all_extra_installs_every_optional_feature() -> None:
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    features = [name for name in extras if name not in ("all", "test", "dev")]
+    everything = set(extras["all"])
+    missing = {req for name in features for req in extras[name]} - everything
+    assert missing == set(), f"add to the 'all' extra: {sorted(missing)}"
