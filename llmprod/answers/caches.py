@@ -1,7 +1,8 @@
 """The Engine's view of the response caches: exact first, then semantic.
 
 One object the Engine asks before submitting a request and tells after one
-finishes, so the step loop never sees a backend.
+finishes, so the step loop never sees a backend. Answers are the asking tenant's
+own unless the engine opts into a shared scope (``cache_scope="shared"``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from typing import Any
 
 from llmprod.answers.exact import ResponseCache
+from llmprod.answers.keys import scope_key
 from llmprod.config import DEFAULT_SEMANTIC_THRESHOLD
 from llmprod.models.fingerprint import model_fingerprint
 from llmprod.outputs import Completion, Timings
@@ -44,6 +46,14 @@ class AnswerCaches:
         model_path, dtype, quantization: what the fingerprint covers.
         semantic_threshold: cosine similarity of a semantic hit.
         ttl: lifetime of stored answers in seconds.
+        cache_scope: ``"tenant"`` (default): the tenant (``Request.tenant``) is
+            part of every key and semantic group, so a tenant only ever gets its
+            own answers back. ``"shared"``: every tenant's answers serve every
+            tenant, under the keys used before scopes existed (more hits, but one
+            tenant can learn what another asked and gets its answers).
+
+    Raises:
+        InvalidConfigError: ``cache_scope`` is neither of the two.
     """
 
     def __init__(
@@ -55,7 +65,11 @@ class AnswerCaches:
         quantization: str | None,
         semantic_threshold: float | None = None,
         ttl: float | None = None,
+        *,
+        cache_scope: str = "tenant",
     ) -> None:
+        scope_key(cache_scope, "")  # reject an unknown scope before opening anything
+        self.cache_scope = cache_scope
         self.fingerprint = model_fingerprint(model_path, dtype, quantization)
         self.exact: ResponseCache | None = None
         self.semantic: Any = None
@@ -84,8 +98,9 @@ class AnswerCaches:
         t0 = time.monotonic()
         found: Completion | None = None
         tier = None
+        scope = self.scope_of(req)
         if self.exact is not None and self.exact.is_cacheable(req.params):
-            hit = self.exact.lookup(req.prompt_token_ids, req.params)
+            hit = self.exact.lookup(req.prompt_token_ids, req.params, scope=scope)
             if hit is not None:
                 found, tier = hit
         semantic = self.semantic
@@ -95,7 +110,9 @@ class AnswerCaches:
             and req.text
             and semantic.is_cacheable(req.params)
         ):
-            near = semantic.lookup(req.text, req.params, context=req.context)
+            near = semantic.lookup(
+                req.text, req.params, context=req.context, scope=scope
+            )
             if near is not None:
                 found, tier = near[0], "semantic"
         if found is None:
@@ -119,10 +136,18 @@ class AnswerCaches:
 
     def store(self, req: Request, completion: Completion) -> None:
         """Queue a finished answer for the caches (never blocks)."""
+        scope = self.scope_of(req)
         if self.exact is not None:
-            self.exact.store(req.prompt_token_ids, req.params, completion)
+            self.exact.store(req.prompt_token_ids, req.params, completion, scope=scope)
         if self.semantic is not None and req.text:
-            self.semantic.add(req.text, req.params, completion, context=req.context)
+            self.semantic.add(
+                req.text, req.params, completion, context=req.context, scope=scope
+            )
+
+    def scope_of(self, req: Request) -> str | None:
+        """The scope ``req``'s answers are looked up and stored under:
+        ``"tenant:<tenant>"``, or ``None`` when the caches are shared."""
+        return scope_key(self.cache_scope, req.tenant)
 
     def stats(self) -> dict[str, Any]:
         """Each cache's counters: ``response`` and ``semantic``, for those that are on."""

@@ -2,7 +2,8 @@
 
 A finished :class:`~llmprod.outputs.Completion` is stored as versioned JSON
 (:mod:`llmprod.answers.codec`) under :func:`~llmprod.answers.keys.response_key`,
-a hash of the model fingerprint, the prompt token ids and the sampling fields.
+a hash of the model fingerprint, the prompt token ids, the sampling fields and,
+when given, a scope (``"tenant:acme"``: only that tenant's lookups find it).
 
 Only deterministic requests are cached by default (greedy, or sampled with a
 ``seed``): for those the key fixes the answer. Unseeded sampling is meant to vary
@@ -137,9 +138,11 @@ class ResponseCache(AnswerStore):
         prompt_ids: Sequence[int],
         params: SamplingParams,
         messages: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        scope: str | None = None,
     ) -> str:
         """Return this cache's key for a request (see :func:`response_key`)."""
-        return response_key(self.model_fingerprint, prompt_ids, params, messages)
+        return response_key(self.model_fingerprint, prompt_ids, params, messages, scope)
 
     # -------------------------------------------------------------- reads
     def lookup(
@@ -147,6 +150,8 @@ class ResponseCache(AnswerStore):
         prompt_ids: Sequence[int],
         params: SamplingParams,
         messages: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        scope: str | None = None,
     ) -> tuple[Completion, str] | None:
         """Return the cached answer to a request, or ``None``.
 
@@ -158,6 +163,9 @@ class ResponseCache(AnswerStore):
             prompt_ids: the token ids the model would see.
             params: the sampling parameters.
             messages: the chat messages, when the ids were rendered from them.
+            scope: whose entries to search (e.g. ``"tenant:acme"``, from
+                :func:`~llmprod.answers.keys.scope_key`); ``None``: the shared
+                entries.
 
         Returns:
             ``(completion, tier)`` on a hit, where ``tier`` names the backend or
@@ -170,7 +178,7 @@ class ResponseCache(AnswerStore):
         """
         if self._closed or not self.is_cacheable(params):
             return None
-        key = self.key(prompt_ids, params, messages)
+        key = self.key(prompt_ids, params, messages, scope=scope)
         try:
             blob, tier = get_with_label(self.backend, key)
         except Exception as exc:  # a fail-safe backend should not raise; be sure
@@ -205,6 +213,8 @@ class ResponseCache(AnswerStore):
         params: SamplingParams,
         completion: Completion,
         messages: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        scope: str | None = None,
     ) -> bool:
         """Queue a finished completion for storing; never blocks.
 
@@ -218,6 +228,7 @@ class ResponseCache(AnswerStore):
             params: the sampling parameters.
             completion: the finished completion.
             messages: the chat messages, when the ids were rendered from them.
+            scope: whose entry it is, as passed to :meth:`lookup`.
 
         Returns:
             Whether the write was queued (``False``: skipped, dropped because
@@ -227,7 +238,7 @@ class ResponseCache(AnswerStore):
             with self._lock:
                 self._skipped += 1
             return False
-        key = self.key(prompt_ids, params, messages)
+        key = self.key(prompt_ids, params, messages, scope=scope)
         snap = snapshot(completion)
         return self._writer.submit(lambda: self._write(key, snap))
 

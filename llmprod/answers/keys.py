@@ -8,7 +8,10 @@ document naming everything that decides the output:
   config, tokenizer files, weights, dtype, quantization);
 * the prompt **token ids** (and the chat messages, when the caller passes them);
 * every :class:`~llmprod.sampling_params.SamplingParams` field except ``extra``,
-  which is caller data that never changes the output.
+  which is caller data that never changes the output;
+* the cache scope, when there is one (e.g. ``"tenant:acme"``): entries of one
+  scope never answer another. Without a scope the document is exactly the one
+  keyed before scopes existed, so shared caches keep their entries.
 
 Why token ids and not the prompt text: the model sees token ids, so two texts
 that tokenize the same are the same request, and a chat rendered through a
@@ -18,7 +21,8 @@ because the tokenizer files are hashed into it, so a key never outlives the
 tokenizer that produced its ids.
 
 The semantic cache matches prompt texts only within a group
-(:func:`semantic_group`: the same sampling fields and the same context) and files
+(:func:`semantic_group`: the same sampling fields, the same context and the same
+scope) and files
 each answer under :func:`semantic_entry_id` of its group and text, below the
 :func:`index_prefix` of its model and embedder.
 """
@@ -31,15 +35,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from llmprod.canonical import canonical_json
+from llmprod.errors import InvalidConfigError
 from llmprod.sampling_params import SamplingParams
 
 __all__ = [
+    "CACHE_SCOPES",
     "FORMAT_VERSION",
     "INDEX_VERSION",
     "KEY_PREFIX",
     "index_prefix",
     "response_key",
     "sampling_key_fields",
+    "scope_key",
     "semantic_entry_id",
     "semantic_group",
 ]
@@ -50,6 +57,9 @@ whenever either changes; old entries then simply stop matching."""
 
 KEY_PREFIX = f"resp:v{FORMAT_VERSION}:"
 """What every exact-cache key starts with."""
+
+CACHE_SCOPES = ("tenant", "shared")
+"""Who a cached answer serves: the tenant that asked, or every tenant."""
 
 INDEX_VERSION = 1
 """Version of the semantic cache's persisted index (its key layout, manifest and
@@ -85,11 +95,39 @@ def sampling_key_fields(params: SamplingParams) -> dict[str, Any]:
     return out
 
 
+def scope_key(cache_scope: str, tenant: str) -> str | None:
+    """Return the scope a request's answers are keyed under.
+
+    >>> scope_key("tenant", "acme"), scope_key("shared", "acme")
+    ('tenant:acme', None)
+
+    Args:
+        cache_scope: ``"tenant"`` (answers are the tenant's own) or ``"shared"``
+            (every tenant's answers serve every tenant).
+        tenant: who is asking.
+
+    Returns:
+        ``"tenant:<tenant>"``, or ``None`` for the shared scope (no scope in the
+        key: the keys of before scopes existed).
+
+    Raises:
+        InvalidConfigError: ``cache_scope`` is neither of the two.
+    """
+    if cache_scope == "shared":
+        return None
+    if cache_scope == "tenant":
+        return f"tenant:{tenant}"
+    raise InvalidConfigError(
+        f"cache_scope must be one of {CACHE_SCOPES}, got {cache_scope!r}", "cache_scope"
+    )
+
+
 def response_key(
     model_fingerprint: str,
     prompt_token_ids: Sequence[int],
     params: SamplingParams,
     messages: Sequence[Mapping[str, Any]] | None = None,
+    scope: str | None = None,
 ) -> str:
     """Return the exact-cache key of a request.
 
@@ -106,6 +144,8 @@ def response_key(
         params: the sampling parameters; every field but ``extra`` is keyed.
         messages: the chat messages the ids were rendered from, when there are
             any; they are keyed as well.
+        scope: who the entry belongs to (from :func:`scope_key`); ``None``:
+            everyone, and the key is the one made before scopes existed.
 
     Returns:
         ``resp:v1:`` followed by the hex SHA-256 of the canonical JSON document.
@@ -127,20 +167,28 @@ def response_key(
     }
     if messages is not None:
         doc["messages"] = [dict(m) for m in messages]
+    if scope is not None:
+        doc["scope"] = str(scope)
     return KEY_PREFIX + hashlib.sha256(canonical_json(doc)).hexdigest()
 
 
-def semantic_group(params: SamplingParams, context: str | None = None) -> str:
+def semantic_group(
+    params: SamplingParams, context: str | None = None, scope: str | None = None
+) -> str:
     """Return the group a semantic-cache request is matched within.
 
     Args:
         params: the sampling parameters (every field but ``extra``).
         context: text that must match exactly (system prompt, earlier turns).
+        scope: who the entry belongs to (from :func:`scope_key`); ``None``:
+            everyone, the group made before scopes existed.
 
     Returns:
         32 hex digits.
     """
-    doc = {"sampling": sampling_key_fields(params), "context": context}
+    doc: dict[str, Any] = {"sampling": sampling_key_fields(params), "context": context}
+    if scope is not None:
+        doc["scope"] = str(scope)
     return hashlib.sha256(canonical_json(doc)).hexdigest()[:32]
 
 

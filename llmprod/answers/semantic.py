@@ -6,7 +6,8 @@ similarity). A lookup embeds the new text, takes one matrix product against the
 index, and returns the best stored answer whose similarity reaches
 ``threshold``, among entries with the same model fingerprint, the same sampling
 fields (every :class:`~llmprod.sampling_params.SamplingParams` field but
-``extra``) and the same ``context`` (e.g. the system prompt and earlier turns).
+``extra``), the same ``context`` (e.g. the system prompt and earlier turns) and
+the same ``scope`` (e.g. ``"tenant:acme"``; ``None`` is shared).
 
 The default threshold, :data:`DEFAULT_THRESHOLD`, comes from
 ``benchmarks/semantic_eval.py`` on ``benchmarks/data/paraphrases.jsonl``; the
@@ -170,24 +171,32 @@ class SemanticCache(AnswerStore):
 
     # -------------------------------------------------------------- policy
     @staticmethod
-    def group_of(params: SamplingParams, context: str | None = None) -> str:
+    def group_of(
+        params: SamplingParams, context: str | None = None, scope: str | None = None
+    ) -> str:
         """Return the group a request is matched within.
 
         Args:
             params: the sampling parameters (every field but ``extra``).
             context: text that must match exactly (system prompt, earlier turns).
+            scope: whose entries (from :func:`~llmprod.answers.keys.scope_key`).
 
         Returns:
             A hex digest.
         """
-        return semantic_group(params, context)
+        return semantic_group(params, context, scope)
 
     def __len__(self) -> int:
         return len(self.index)
 
     # -------------------------------------------------------------- reads
     def lookup(
-        self, text: str, params: SamplingParams, *, context: str | None = None
+        self,
+        text: str,
+        params: SamplingParams,
+        *,
+        context: str | None = None,
+        scope: str | None = None,
     ) -> tuple[Completion, float] | None:
         """Return a stored answer to a prompt that means the same, or ``None``.
 
@@ -200,6 +209,7 @@ class SemanticCache(AnswerStore):
             params: the sampling parameters; only entries with the same fields
                 match.
             context: text that must match exactly.
+            scope: whose entries to search (``None``: the shared ones).
 
         Returns:
             ``(completion, similarity)`` on a hit. The completion is a new
@@ -214,7 +224,7 @@ class SemanticCache(AnswerStore):
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         self._maybe_schedule_refresh()
-        group = self.group_of(params, context)
+        group = self.group_of(params, context, scope)
         vector = self._vector(text)
         candidates = self.index.search(vector, group, self.threshold, _MAX_CANDIDATES)
         for entry_id, sim in candidates:
@@ -265,6 +275,7 @@ class SemanticCache(AnswerStore):
         completion: Completion,
         *,
         context: str | None = None,
+        scope: str | None = None,
     ) -> bool:
         """Queue a finished answer for the index; never blocks.
 
@@ -277,7 +288,7 @@ class SemanticCache(AnswerStore):
             text: the prompt text, as passed to :meth:`lookup`.
             params: the sampling parameters.
             completion: the finished answer.
-            context: as passed to :meth:`lookup`.
+            context, scope: as passed to :meth:`lookup`.
 
         Returns:
             Whether the add was queued.
@@ -288,24 +299,29 @@ class SemanticCache(AnswerStore):
             with self._lock:
                 self._skipped += 1
             return False
-        group = self.group_of(params, context)
+        group = self.group_of(params, context, scope)
         snap = snapshot(completion)
         return self._writer.submit(lambda: self._add_now(text, group, snap))
 
     def entry_key(
-        self, text: str, params: SamplingParams, *, context: str | None = None
+        self,
+        text: str,
+        params: SamplingParams,
+        *,
+        context: str | None = None,
+        scope: str | None = None,
     ) -> str:
         """Return the backend key an answer to ``text`` is stored under.
 
         Args:
             text: the prompt text.
             params: the sampling parameters.
-            context: as passed to :meth:`add`.
+            context, scope: as passed to :meth:`add`.
 
         Returns:
             The key (under :attr:`prefix`).
         """
-        entry_id = semantic_entry_id(self.group_of(params, context), text)
+        entry_id = semantic_entry_id(self.group_of(params, context, scope), text)
         return self.index.entry_key(entry_id)
 
     def _add_now(self, text: str, group: str, completion: Completion) -> None:

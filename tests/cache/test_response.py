@@ -265,6 +265,19 @@ def test_store_then_lookup_gives_a_fresh_marked_copy(
     assert stats["backend"]["memory"]["sets"] == 1
 
 
+def test_a_scope_is_looked_up_only_under_itself(memory_cache: ResponseCache) -> None:
+    assert memory_cache.store(PROMPT, GREEDY, completion(), scope="tenant:a")
+    memory_cache.flush(5)
+    hit = memory_cache.lookup(PROMPT, GREEDY, scope="tenant:a")
+    assert hit is not None and hit[0].text == completion().text
+    assert memory_cache.lookup(PROMPT, GREEDY, scope="tenant:b") is None
+    assert memory_cache.lookup(PROMPT, GREEDY) is None  # nor shared
+    assert memory_cache.key(PROMPT, GREEDY, scope="tenant:a") == response_key(
+        "fp-test", PROMPT, GREEDY, scope="tenant:a"
+    )
+    assert memory_cache.key(PROMPT, GREEDY) == response_key("fp-test", PROMPT, GREEDY)
+
+
 def test_only_deterministic_requests_are_cached(memory_cache: ResponseCache) -> None:
     sampled = SamplingParams(temperature=0.8, max_tokens=16)
     seeded = dataclasses.replace(sampled, seed=7)

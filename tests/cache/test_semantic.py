@@ -133,6 +133,25 @@ def test_other_sampling_params_or_context_miss(minilm: Embedder) -> None:
         assert other_model.lookup(text, GREEDY) is None
 
 
+def test_a_scope_only_searches_its_own_entries(minilm: Embedder) -> None:
+    text, para = "What is the capital of France?", "What's the capital of France?"
+    with SemanticCache("memory://", minilm, FP) as cache:
+        cache.add(text, GREEDY, answer("Paris, for a."), scope="tenant:a")
+        cache.flush(30)
+        hit = cache.lookup(para, GREEDY, scope="tenant:a")
+        assert hit is not None and hit[0].text == "Paris, for a."
+        assert cache.lookup(para, GREEDY, scope="tenant:b") is None
+        assert cache.lookup(text, GREEDY, scope="tenant:b") is None  # even verbatim
+        assert cache.lookup(text, GREEDY) is None  # the shared group is another
+        cache.add(text, GREEDY, answer("Paris, for b."), scope="tenant:b")
+        cache.flush(30)
+        hit = cache.lookup(para, GREEDY, scope="tenant:b")
+        assert hit is not None and hit[0].text == "Paris, for b."
+        assert cache.entry_key(text, GREEDY, scope="tenant:a") != cache.entry_key(
+            text, GREEDY, scope="tenant:b"
+        )
+
+
 def test_uncacheable_requests_are_neither_added_nor_looked_up(minilm: Embedder) -> None:
     sampled = SamplingParams(temperature=0.7, max_tokens=32)
     with SemanticCache("memory://", minilm, FP) as cache:
