@@ -120,7 +120,7 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or s == "":
                 raise _fail("stop", s, "each stop string must be a non-empty str")
-            if not _is_utf8(s):
+            if not is_valid_text(s):
                 raise _fail("stop", s, "each stop string must be valid Unicode text")
         for t_id in self.stop_token_ids:
             if not _is_int(t_id) or t_id < 0:
@@ -174,7 +174,7 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
 
 
-def _is_utf8(s: str) -> bool:
+def is_valid_text(s: str) -> bool:
     """False for strings holding lone surrogates (no tokenizer can encode them)."""
     try:
         s.encode("utf-8")

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from llmprod.errors import InvalidRequestError
-from llmprod.sampling_params import SamplingParams
+from llmprod.sampling_params import SamplingParams, is_valid_text
 
 Prompt = str | Sequence[int]
 Message = dict[str, Any]
@@ -69,15 +69,6 @@ def check_prompt(prompt: Any) -> None:
     raise InvalidRequestError(
         f"prompt must be {_PROMPT_KINDS}; got {type(prompt).__name__}", "prompt"
     )
-
-
-def is_valid_text(s: str) -> bool:
-    """False for strings holding lone surrogates (no tokenizer can encode them)."""
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def check_tenant(tenant: Any) -> None:
