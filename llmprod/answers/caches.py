@@ -14,6 +14,7 @@ from typing import Any
 
 from llmprod.answers.exact import ResponseCache
 from llmprod.answers.keys import scope_key
+from llmprod.cache.failsafe import backend_target
 from llmprod.config import DEFAULT_SEMANTIC_THRESHOLD
 from llmprod.models.fingerprint import model_fingerprint
 from llmprod.outputs import Completion, Timings
@@ -176,5 +177,5 @@ def _warn_if_down(backend: Any, what: str) -> None:
         logger.warning(
             "%s backend %s is down at start; serving without it until it answers",
             what,
-            ", ".join(down) or "",
+            ", ".join(down) or backend_target(backend),
         )

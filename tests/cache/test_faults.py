@@ -489,10 +489,12 @@ def test_unusable_diskcache_url_engine_starts_serves_and_reports_down(
     url = f"diskcache://{path}"
     with caplog.at_level(logging.WARNING):
         eng = make_engine(kv_cache_memory="64MiB", cache=url)  # does not raise
-    # The warning names the backend and its directory.
+    # Both warnings name the backend and its directory, never an empty name.
     failed = [r.getMessage() for r in caplog.records if "ping failed" in r.getMessage()]
-    assert any(f"diskcache ({path})" in m for m in failed), caplog.text
-    assert any("down at start" in r.getMessage() for r in caplog.records)
+    down = [r.getMessage() for r in caplog.records if "down at start" in r.getMessage()]
+    assert failed and down, caplog.text
+    for message in failed + down:
+        assert f"backend diskcache ({path})" in message, message
     assert eng.answers.exact.backend.is_down
 
     params = SamplingParams(max_tokens=ENGINE_GREEDY_TOKENS, temperature=0)
