@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from llmprod.canonical import canonical_json
+from llmprod.config import CACHE_SCOPES
 from llmprod.errors import InvalidConfigError
 from llmprod.sampling_params import SamplingParams
 
@@ -57,9 +58,6 @@ whenever either changes; old entries then simply stop matching."""
 
 KEY_PREFIX = f"resp:v{FORMAT_VERSION}:"
 """What every exact-cache key starts with."""
-
-CACHE_SCOPES = ("tenant", "shared")
-"""Who a cached answer serves: the tenant that asked, or every tenant."""
 
 INDEX_VERSION = 1
 """Version of the semantic cache's persisted index (its key layout, manifest and

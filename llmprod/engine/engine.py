@@ -120,7 +120,7 @@ class Engine:
                 quantization,
                 config.semantic_threshold,
                 config.cache_ttl,
-                cache_scope=getattr(config, "cache_scope", "tenant"),
+                cache_scope=config.cache_scope,
             )
         self.recorder = MetricsRecorder()
         self.admission = Admission(
