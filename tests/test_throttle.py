@@ -359,3 +359,27 @@ def test_docstring_examples_run() -> None:
 
     result = doctest.testmod(limits)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_tenant_states_stay_bounded_and_forgetting_changes_no_decision() -> None:
+    now = [0.0]
+    th = Throttle(
+        {"vip": TenantLimits(requests_per_second=1.0)},
+        TenantLimits(requests_per_second=1.0, max_request_burst=1),
+        clock=lambda: now[0],
+        max_tenant_states=10,
+    )
+    th.admit("busy", 1).release(1)  # its bucket is empty for the next second
+    for i in range(50):  # random names, each refilled by the time it is seen again
+        th.admit(f"t{i}", 1).release(1)
+        now[0] += 2.0 if i % 10 == 9 else 0.0
+    assert len(th.snapshot()) <= 10
+    # A tenant whose state is not as good as new is never forgotten.
+    now[0] += 0.1
+    held = th.admit("held", 1)
+    for i in range(50, 70):
+        th.admit(f"t{i}", 1).release(1)
+    assert "held" in th.snapshot() and th.snapshot()["held"]["in_flight"] == 1
+    with pytest.raises(RateLimited):
+        th.admit("held", 1)  # its empty bucket was kept, not reset
+    held.release(1)

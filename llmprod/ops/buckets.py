@@ -129,6 +129,22 @@ class TenantState:
                 self.period_index = index
                 self.period_spend = 0.0
 
+    def is_fresh(self, now: float) -> bool:
+        """True when this state admits exactly what a new one would: nothing in
+        flight or reserved, buckets full, no budget spent."""
+        self.refill(now)
+        lim = self.limits
+        return (
+            not self.in_flight
+            and self.reserved_cost == 0.0
+            and (lim.budget is None or self.budget_spent() == 0.0)
+            and self.request_level >= lim.request_burst
+            and (
+                lim.tokens_per_minute is None
+                or self.token_level >= lim.tokens_per_minute
+            )
+        )
+
     def budget_spent(self) -> float:
         """Spend counted against the budget: this window's, or the lifetime's."""
         return (

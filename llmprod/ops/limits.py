@@ -226,7 +226,13 @@ class Throttle:
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] | None = None,
+        max_tenant_states: int = 10_000,
     ) -> None:
+        if not isinstance(max_tenant_states, int) or max_tenant_states < 1:
+            raise ValueError(f"{max_tenant_states=} must be an int >= 1")
+        self.max_tenant_states = max_tenant_states
+        """Past this many tenants, those whose state is as good as new are
+        forgotten (a caller sending random tenant names cannot grow it)."""
         self._limits: dict[str, TenantLimits] = dict(limits or {})
         for tenant, lim in self._limits.items():
             if not isinstance(lim, TenantLimits):
@@ -365,9 +371,23 @@ class Throttle:
     def _state(self, tenant: str, now: float) -> TenantState:
         st = self._tenants.get(tenant)
         if st is None:
+            if len(self._tenants) >= self.max_tenant_states:
+                self._forget_fresh(now)
             lim = self._limits.get(tenant, self._default)
             st = self._tenants[tenant] = TenantState.new(lim, now)
         return st
+
+    def _forget_fresh(self, now: float) -> None:
+        """Drop the states a new one would equal (nothing in flight, buckets
+        full, no budget spent), down to 90% of the cap: forgetting them changes
+        no decision. Explicitly configured tenants are kept."""
+        keep = self.max_tenant_states * 9 // 10
+        for tenant in list(self._tenants):
+            if len(self._tenants) <= keep:
+                return
+            st = self._tenants[tenant]
+            if tenant not in self._limits and st.is_fresh(now):
+                del self._tenants[tenant]
 
     # -- reporting ---------------------------------------------------------------
     def snapshot(self) -> dict[str, TenantUsage]:
