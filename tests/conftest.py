@@ -73,3 +73,12 @@ def hf_model(engine: Engine) -> Any:
     model = AutoModelForCausalLM.from_pretrained(engine.model_path, dtype=torch.float32)
     model.eval()
     return model
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--chaos-long",
+        action="store_true",
+        default=False,
+        help="run tests/test_chaos.py with ten times as many requests",
+    )
