@@ -13,6 +13,9 @@ MAX_LOGPROBS = 20
 MIN_TEMPERATURE = 1e-5
 """Temperatures below this sample greedily (dividing logits by less overflows)."""
 
+MAX_TEMPERATURE = 1e4
+"""Largest temperature (a larger one overflows float32 and yields NaN)."""
+
 SEED_RANGE = (-(2**63), 2**64)
 """Seeds a generator takes: ``SEED_RANGE[0] <= seed < SEED_RANGE[1]``."""
 
@@ -103,8 +106,10 @@ class SamplingParams:
                 f"must be <= max_tokens={self.max_tokens}",
             )
         t = self.temperature
-        if not _is_number(t) or math.isinf(t) or t < 0:
-            raise _fail("temperature", t, "must be a finite number >= 0")
+        if not _is_number(t) or not 0 <= t <= MAX_TEMPERATURE:
+            raise _fail(
+                "temperature", t, f"must be a number in [0, {MAX_TEMPERATURE:g}]"
+            )
         p = self.top_p
         if not _is_number(p) or not MIN_TOP_P <= p <= 1:
             raise _fail("top_p", p, f"must be a number in [{MIN_TOP_P}, 1]")

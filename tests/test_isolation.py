@@ -352,17 +352,6 @@ def test_a_price_table_that_crashes_fails_only_its_request(rigged: Engine) -> No
     assert in_flight(rigged, "p") == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="OutputProcessor.finalize takes whatever PriceTable.cost returns: a NaN "
-    "cost reaches the Completion (usage.cost=nan) and the metrics, and "
-    "OutputProcessor._release passes it to Ticket.release, which raises "
-    "ValueError('cost=nan must be a finite number >= 0'); _release logs it, so the "
-    "tenant's max_concurrent slot is never given back (in_flight stays 1 and every "
-    "later request of the tenant is RateLimited). Expected: a non-finite or "
-    "negative cost is a price-table failure like an exception (cost 0 or a typed "
-    "error) and the ticket is released.",
-)
 def test_a_price_table_returning_nan_keeps_no_slot(rigged: Engine) -> None:
     poison = [rigged.tokenizer.encode(" quartz")[0]] * 19
     SCRIPT.price_faults = {19: "nan"}
@@ -373,14 +362,6 @@ def test_a_price_table_returning_nan_keeps_no_slot(rigged: Engine) -> None:
     assert within(CALL_TIMEOUT, rigged.generate, "again", SHORT, tenant="nan")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Admission.take_limits catches a price table that raises but not one "
-    "that returns NaN: Throttle.admit(estimated_cost=nan) raises a plain "
-    "ValueError('estimated_cost=nan must be a number >= 0'), which admit_batch "
-    "re-raises for the whole batch even with return_exceptions=True. Expected: a "
-    "non-finite estimate is treated like a failing price table (estimate 0).",
-)
 def test_a_price_estimate_of_nan_fails_nothing(rigged: Engine) -> None:
     poison = [rigged.tokenizer.encode(" quartz")[0]] * 21
     SCRIPT.price_faults = {21: "nan-estimate"}
@@ -473,14 +454,6 @@ def test_a_detokenizer_fault_fails_only_its_request(
     assert_one_end(deltas, error)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Admission.admit_batch catches only InvalidRequestError from build(): "
-    "a prompt guard that raises anything else (here RuntimeError) escapes "
-    "Engine.generate untyped and fails the whole batch, even with "
-    "return_exceptions=True. Expected: only that prompt fails, with a typed "
-    "LLMProdError in its place.",
-)
 def test_a_prompt_guard_that_crashes_fails_only_its_prompt(rigged: Engine) -> None:
     SCRIPT.prompt_faults = {"Crash the prompt guard": "raise"}
     outs = within(CALL_TIMEOUT, rigged.generate, ["Fine", "Crash the prompt guard"],
@@ -491,16 +464,6 @@ def test_a_prompt_guard_that_crashes_fails_only_its_prompt(rigged: Engine) -> No
         rigged.generate("Crash the prompt guard", SHORT)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Admission.build checks a prompt for emptiness before the prompt guards "
-    "run, not after: a guard that redacts the whole prompt to '' yields a request "
-    "of 0 prompt tokens. The scheduler admits it with 0 tokens to compute, "
-    "_lay_out drops it from every step (num_new_tokens is neither 1 nor > 1), so "
-    "it stays in running for ever: the caller blocks, the tenant's slot is held "
-    "and the step loop spins at full CPU. Expected: InvalidRequestError "
-    "(field 'prompt') at admission.",
-)
 def test_a_prompt_redacted_to_nothing_is_rejected(
     rigged: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -859,16 +822,6 @@ def test_a_tiny_sampling_temperature_gives_the_greedy_tokens(engine: Engine) -> 
                 break
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="temperature=1e39 passes SamplingParams validation (finite as a Python "
-    "float) but is inf in float32: Sampler._draw divides the logits by inf, the "
-    "-inf that the min_tokens mask put on the EOS/stop tokens becomes NaN, the "
-    "whole row's probabilities are NaN and argmax returns token 0 "
-    "('<|endoftext|>') at every step while min_tokens is active. Expected: such a "
-    "temperature is rejected (field 'temperature') or sampled as a uniform "
-    "draw over the allowed tokens.",
-)
 def test_a_huge_temperature_gives_no_nan_tokens(engine: Engine) -> None:
     try:
         p = SamplingParams(max_tokens=6, min_tokens=4, temperature=1e39, seed=5)

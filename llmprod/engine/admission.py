@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import re
 import uuid
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from llmprod.errors import (
     InvalidRequestError,
     LLMProdError,
     RateLimited,
+    RequestFailedError,
 )
 from llmprod.exec.sampler import seeded_generator
 from llmprod.ops.guards import apply_guards
@@ -116,6 +118,14 @@ class Admission:
                         raise type(exc)(f"prompts[{i}]: {exc}", exc.field) from exc
                     raise
                 built.append(exc)
+            except EngineClosedError:
+                raise
+            except Exception as exc:  # a prompt guard or tokenizer of the user's
+                logger.exception("admitting prompts[%d] failed", i)
+                err = RequestFailedError(f"prompts[{i}] failed at admission: {exc!r}")
+                if not return_exceptions:
+                    raise err from exc
+                built.append(err)
         taken: list[Request] = []
         try:
             for i, r in enumerate(built):
@@ -143,7 +153,12 @@ class Admission:
     ) -> Request:
         """Validate, guard, tokenize and admit one prompt or conversation."""
         inputs.check_tenant(tenant)
-        req = self.build(prompt, params, tenant)
+        try:
+            req = self.build(prompt, params, tenant)
+        except LLMProdError:
+            raise
+        except Exception as exc:  # a prompt guard or tokenizer of the user's
+            raise RequestFailedError(f"prompt failed at admission: {exc!r}") from exc
         self.take_limits(req, wait_timeout)
         return req
 
@@ -179,6 +194,10 @@ class Admission:
                 if res.text != seen:  # redacted: the model sees the redacted text
                     text = res.text
                     ids = list(self.tokenizer.encode(text))
+        if not ids:
+            raise InvalidRequestError(
+                "prompt is empty after the prompt guards", "prompt"
+            )
         inputs.check_lengths(
             len(ids), params, self.max_model_len, self.num_blocks, self.block_size
         )
@@ -201,9 +220,12 @@ class Admission:
         estimate = 0.0
         if self.prices is not None:
             try:
-                estimate = self.prices.cost(n, max_tokens)
+                estimate = float(self.prices.cost(n, max_tokens))
             except Exception as exc:  # a user's price table: only budgets lose it
                 logger.warning("price table failed to estimate a request: %r", exc)
+            if not math.isfinite(estimate) or estimate < 0:
+                logger.warning("price table estimated cost=%r; using 0", estimate)
+                estimate = 0.0
         req.ticket = self.throttle.admit(
             req.tenant, n + max_tokens, wait_timeout, estimated_cost=estimate
         )

@@ -9,6 +9,7 @@ the answer caches, and hand it to the caller's sink.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -274,9 +275,11 @@ class OutputProcessor:
         return comp
 
     def _price(self, req: Request) -> float:
+        """The request's cost; raises when the price table fails or gives a
+        cost that is not a finite number >= 0."""
         if self.prices is None:
             return 0.0
-        return float(
+        cost = float(
             self.prices.cost(
                 prompt_tokens=req.num_prompt_tokens,
                 completion_tokens=req.num_output_tokens,
@@ -284,6 +287,9 @@ class OutputProcessor:
                 compute_s=req.compute_s,
             )
         )
+        if not math.isfinite(cost) or cost < 0:
+            raise ValueError(f"the price table gave cost={cost!r}")
+        return cost
 
     def _release(
         self,
