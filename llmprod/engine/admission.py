@@ -84,8 +84,12 @@ class Admission:
         self.allow_special_tokens_in_content = config.allow_special_tokens_in_content
         self.is_tenant_scoped = config.cache_scope == "tenant"
         """Requests of different tenants share no KV prefix blocks."""
-        self._added_token_texts = tuple(getattr(tokenizer, "added_tokens_encoder", {}))
-        """Texts the tokenizer turns into one added (often control) token."""
+        self._added_token_texts: dict[str, list[str]] = {}
+        """Texts the tokenizer turns into one added (often control) token, by
+        their first two characters: a model may have thousands (Gemma 3 has
+        6,384), and content is searched only for those whose start it holds."""
+        for text in getattr(tokenizer, "added_tokens_encoder", {}):
+            self._added_token_texts.setdefault(text[:2], []).append(text)
         self.throttle = throttle
         self.answers = answers
         self.is_closed = False
@@ -256,13 +260,19 @@ class Admission:
                 "messages",
             )
         if self.allow_special_tokens_in_content or not any(
-            t in m["content"] for m in messages for t in self._added_token_texts
+            self._holds_added_token(m["content"]) for m in messages
         ):
             text = self.tokenizer.apply_chat_template(
                 list(messages), add_generation_prompt=True, tokenize=False
             )
             return list(self.tokenizer.encode(text, add_special_tokens=False))
         return self._render_with_plain_content(messages)
+
+    def _holds_added_token(self, content: str) -> bool:
+        return any(
+            start in content and any(text in content for text in texts)
+            for start, texts in self._added_token_texts.items()
+        )
 
     def _render_with_plain_content(self, messages: Sequence[Message]) -> list[int]:
         """Render the template around placeholders, then tokenize the template's

@@ -159,8 +159,12 @@ class EngineCore:
                 gen.set_state(state)
             self._isolate(out, exc)
             return
+        self._apply(out, result, time.perf_counter() - t0)
+
+    def _apply(self, out: SchedulerOutput, result: StepResult, elapsed: float) -> None:
+        """The step ran: record it, then hand each request its part."""
         self.scheduler.update(out)
-        self._account(out, time.perf_counter() - t0)
+        self._account(out, elapsed)
         self._process(out, result)
 
     def _isolate(self, out: SchedulerOutput, exc: Exception) -> None:
@@ -182,9 +186,7 @@ class EngineCore:
             except Exception as part_exc:
                 self._fail_step(part, part_exc)
                 continue
-            self.scheduler.update(part)
-            self._account(part, time.perf_counter() - t0)
-            self._process(part, result)
+            self._apply(part, result, time.perf_counter() - t0)
 
     def _execute(self, out: SchedulerOutput) -> StepResult:
         if self.runner.device.type != "cpu":

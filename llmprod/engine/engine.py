@@ -265,7 +265,7 @@ class Engine:
                 completion gets ``flags["grounding"]`` (MiniLM similarity of each
                 output sentence to the context).
         """
-        prepared = self._prepare(
+        prepared = self.admission.admit_batch(
             prompts, params, tenant, return_exceptions, wait_timeout
         )
         results: list[Any] = [None] * len(prepared)
@@ -359,7 +359,7 @@ class Engine:
         """Yield :class:`Delta` pieces as they are produced; the last one carries
         ``finish_reason`` and the full ``completion``. Stopping the iteration
         early aborts the request."""
-        req = self._make_request(
+        req = self.admission.admit(
             prompt, params or SamplingParams(), tenant, wait_timeout
         )
         q: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -392,7 +392,9 @@ class Engine:
 
         Cancelling the awaiting task aborts its requests.
         """
-        reqs = self._prepare(prompts, params, tenant, return_exceptions, wait_timeout)
+        reqs = self.admission.admit_batch(
+            prompts, params, tenant, return_exceptions, wait_timeout
+        )
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[Any]] = []
         handles = []
@@ -425,7 +427,7 @@ class Engine:
     ) -> AsyncIterator[Delta]:
         """Async :meth:`stream`. Closing the iterator or cancelling the consuming
         task aborts the request."""
-        req = self._make_request(
+        req = self.admission.admit(
             prompt, params or SamplingParams(), tenant, wait_timeout
         )
         loop = asyncio.get_running_loop()
@@ -500,29 +502,6 @@ class Engine:
     def render_chat(self, messages: Sequence[Message]) -> list[int]:
         """Token ids of a conversation rendered with the chat template."""
         return self.admission.render_chat(messages)
-
-    def _prepare(
-        self,
-        prompts: Prompt | Sequence[Prompt],
-        params: SamplingParams | Sequence[SamplingParams] | None,
-        tenant: str,
-        return_exceptions: bool,
-        wait_timeout: float | None = None,
-    ) -> list[Request | BaseException]:
-        return list(
-            self.admission.admit_batch(
-                prompts, params, tenant, return_exceptions, wait_timeout
-            )
-        )
-
-    def _make_request(
-        self,
-        prompt: Prompt | Sequence[Message],
-        params: SamplingParams,
-        tenant: str,
-        wait_timeout: float | None = None,
-    ) -> Request:
-        return self.admission.admit(prompt, params, tenant, wait_timeout)
 
     def _submit(
         self, req: Request, sink: Callable[[Any], None], streaming: bool

@@ -49,23 +49,16 @@ def as_prompt_list(prompts: Any) -> list[Any]:
 
 
 def check_prompt(prompt: Any) -> None:
-    """One element of a batch is a str, a list of int token ids or a conversation."""
+    """One element of a batch is a str, a list (token ids or a conversation,
+    whose items are checked when they are read) or nothing else."""
     if isinstance(prompt, str):
         if not is_valid_text(prompt):
             raise InvalidRequestError(
                 "prompt holds a lone surrogate and is not valid Unicode text", "prompt"
             )
         return
-    if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
-        return  # a conversation: check_messages
     if isinstance(prompt, (list, tuple)):
-        for j, t in enumerate(prompt):
-            if not _is_token(t):
-                raise InvalidRequestError(
-                    f"prompt token {j} is {t!r} ({type(t).__name__}), not an int",
-                    "prompt",
-                )
-        return
+        return  # token ids: prompt_token_ids checks each; messages: check_messages
     raise InvalidRequestError(
         f"prompt must be {_PROMPT_KINDS}; got {type(prompt).__name__}", "prompt"
     )
@@ -124,9 +117,10 @@ def prompt_token_ids(prompt: Prompt, tokenizer: Any, vocab_size: int) -> list[in
     if not ids:
         raise InvalidRequestError("prompt is empty (no token ids)", "prompt")
     for j, t in enumerate(ids):
-        if not isinstance(t, int) or isinstance(t, bool):
+        if not _is_token(t):
             raise InvalidRequestError(
-                f"prompt token {j} is {t!r}, not an int", "prompt"
+                f"prompt token {j} is {t!r} ({type(t).__name__}), not an int",
+                "prompt",
             )
         if not 0 <= t < vocab_size:
             raise InvalidRequestError(

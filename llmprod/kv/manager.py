@@ -27,8 +27,6 @@ class KVStats:
     """Blocks ever handed out (their memory has been written at least once)."""
     prefix_hit_rate: float
     """Prompt tokens found in the prefix cache / prompt tokens looked up."""
-    is_whole: bool
-    """Every block is free and no reference is held."""
 
 
 class KVCacheManager:
@@ -62,7 +60,6 @@ class KVCacheManager:
             num_evictions=pool.num_evictions,
             num_touched_blocks=pool.num_touched_blocks,
             prefix_hit_rate=self.num_prefix_hit_tokens / queries if queries else 0.0,
-            is_whole=pool.is_whole(),
         )
 
     def blocks_needed(self, num_tokens: int) -> int:
