@@ -3,13 +3,19 @@ block-pool check, and greedy equality against transformers."""
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
+    import pytest
+
     from llmprod import Engine
+    from llmprod.outputs import Delta
+    from llmprod.sched.request import Request
 
 
 def wait_idle(engine: Engine, timeout: float = 30.0) -> None:
@@ -58,3 +64,40 @@ def first_divergence(
     if len(ours) != len(ref):
         return min(len(ours), len(ref)), float("inf")
     return None
+
+
+def drain(stream: Iterable[Delta]) -> tuple[list[Delta], BaseException | None]:
+    """Every delta of a stream, and the exception that ended it (or None)."""
+    deltas: list[Delta] = []
+    try:
+        for d in stream:
+            deltas.append(d)
+    except Exception as exc:
+        return deltas, exc
+    return deltas, None
+
+
+class EndingsSpy:
+    """Records, on an engine's output processor, every request it made a handle
+    for (``made``) and every last item it delivered (``finals``: request id ->
+    items), to check that each request ends exactly once."""
+
+    def __init__(self, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.made: list[str] = []
+        self.finals: dict[str, list[Any]] = {}
+        self._lock = threading.Lock()
+        output = engine.output
+        make_handle, deliver = output.make_handle, output._deliver
+
+        def spy_make(req: Request, sink: Any, streaming: bool) -> Any:
+            with self._lock:
+                self.made.append(req.request_id)
+            return make_handle(req, sink, streaming)
+
+        def spy_deliver(h: Any, item: Any) -> None:
+            with self._lock:
+                self.finals.setdefault(h.request.request_id, []).append(item)
+            deliver(h, item)
+
+        monkeypatch.setattr(output, "make_handle", spy_make)
+        monkeypatch.setattr(output, "_deliver", spy_deliver)

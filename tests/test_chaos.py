@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import threading
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -42,9 +41,9 @@ from llmprod.errors import (
 from llmprod.ops.guards import BlockListGuard, GuardResult
 from llmprod.ops.limits import TenantLimits
 from llmprod.ops.pricing import PriceTable
-from llmprod.outputs import Completion, Delta
+from llmprod.outputs import Completion
 from llmprod.sched.request import Request
-from tests.helpers import assert_pool_whole, wait_idle
+from tests.helpers import EndingsSpy, assert_pool_whole, drain, wait_idle
 
 SEED = 20240611
 SHORT_RUN, LONG_RUN = 150, 1500
@@ -344,16 +343,6 @@ async def cancel_astream(eng: Engine, item: Item, wait_s: float | None) -> None:
         await task
 
 
-def drain(stream: Any) -> tuple[list[Delta], BaseException | None]:
-    deltas: list[Delta] = []
-    try:
-        for d in stream:
-            deltas.append(d)
-    except Exception as exc:
-        return deltas, exc
-    return deltas, None
-
-
 # ---------------------------------------------------------------- the checks
 EXPECTED_ERROR = {
     "forward": RequestFailedError,
@@ -418,7 +407,9 @@ def chaos_size(request: pytest.FixtureRequest) -> int:
     return LONG_RUN if request.config.getoption("--chaos-long") else SHORT_RUN
 
 
-def test_chaos(make_engine: Any, chaos_size: int) -> None:
+def test_chaos(
+    make_engine: Any, chaos_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     guard = ChaosGuard()
     eng: Engine = make_engine(
         dtype="float32",
@@ -441,23 +432,8 @@ def test_chaos(make_engine: Any, chaos_size: int) -> None:
     rng = random.Random(SEED)
     plan = make_plan(rng, chaos_size, price_ids)
     faults = Faults(eng, SEED + 1, TRANSIENT_RATE)
-    made: list[str] = []
-    finals: Counter[str] = Counter()
-    lock = threading.Lock()
-    make_handle, deliver = eng.output.make_handle, eng.output._deliver
-
-    def spy_make(req: Request, sink: Any, streaming: bool) -> Any:
-        with lock:
-            made.append(req.request_id)
-        return make_handle(req, sink, streaming)
-
-    def spy_deliver(h: Any, item: Any) -> None:
-        with lock:
-            finals[h.request.request_id] += 1
-        deliver(h, item)
-
-    eng.output.make_handle = spy_make  # type: ignore[method-assign]
-    eng.output._deliver = spy_deliver  # type: ignore[method-assign]
+    spy = EndingsSpy(eng, monkeypatch)
+    made, finals = spy.made, spy.finals
     before = eng.metrics()
     seeds = [rng.randrange(2**32) for _ in plan]
     with ThreadPoolExecutor(WORKERS, thread_name_prefix="chaos") as pool:
@@ -481,7 +457,8 @@ def test_chaos(make_engine: Any, chaos_size: int) -> None:
         if item.tenant in by_tenant:
             by_tenant[item.tenant][end] += 1
     assert len(made) == len(set(made))
-    assert sorted(finals) == sorted(made) and set(finals.values()) == {1}
+    assert sorted(finals) == sorted(made)
+    assert {len(items) for items in finals.values()} == {1}
     submitted = ends["completed"] + ends["aborted"] + ends["errored"]
     assert len(made) == submitted
     assert ends["errored"] > 0 and ends["aborted"] > 0 and ends["refused"] > 0

@@ -31,7 +31,7 @@ from llmprod.ops.pricing import PriceTable
 from llmprod.outputs import Completion, Delta
 from llmprod.sampling_params import MIN_TOP_P
 from llmprod.sched.request import Request
-from tests.helpers import assert_pool_whole, wait_idle
+from tests.helpers import EndingsSpy, assert_pool_whole, drain, wait_idle
 
 MODEL = "smollm2-135m"
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -61,17 +61,6 @@ def within(timeout: float, fn: Callable[..., Any], *args: Any, **kwargs: Any) ->
     if "error" in box:
         raise box["error"]
     return box["value"]
-
-
-def drain(stream: Iterator[Delta]) -> tuple[list[Delta], BaseException | None]:
-    """Every delta of a stream, and the exception that ended it (or None)."""
-    deltas: list[Delta] = []
-    try:
-        for d in stream:
-            deltas.append(d)
-    except Exception as exc:
-        return deltas, exc
-    return deltas, None
 
 
 def assert_one_end(deltas: list[Delta], error: BaseException | None) -> None:
@@ -507,23 +496,8 @@ def test_every_request_ends_exactly_once_in_a_batch_with_faults(
     is_bad = poisoned("sampler")
     monkeypatch.setattr(rigged.runner, "sampler", FaultySampler(
         rigged.runner.sampler, lambda rs: any(map(is_bad, rs))))  # fmt: skip
-    made: list[str] = []
-    finals: dict[str, list[Any]] = {}
-    lock = threading.Lock()
-    make_handle, deliver = rigged.output.make_handle, rigged.output._deliver
-
-    def spy_make(req: Request, sink: Any, streaming: bool) -> Any:
-        with lock:
-            made.append(req.request_id)
-        return make_handle(req, sink, streaming)
-
-    def spy_deliver(h: Any, item: Any) -> None:
-        with lock:
-            finals.setdefault(h.request.request_id, []).append(item)
-        deliver(h, item)
-
-    monkeypatch.setattr(rigged.output, "make_handle", spy_make)
-    monkeypatch.setattr(rigged.output, "_deliver", spy_deliver)
+    spy = EndingsSpy(rigged, monkeypatch)
+    made, finals = spy.made, spy.finals
     before = rigged.metrics().requests
     seen: dict[str, Any] = {}
 
