@@ -154,6 +154,14 @@ class ScriptedGuard:
 
     name = "scripted"
 
+    @property
+    def stream_holdback(self) -> int | None:
+        """The real guards' holdback; None (hold all) while faults are scripted
+        on exact output texts, which only the whole text can match."""
+        if SCRIPT.output_faults:
+            return None
+        return max((g.stream_holdback for g in SCRIPT.output_guards), default=0)
+
     def check(self, text: str, where: str) -> GuardResult:
         if where == "prompt":
             fault = SCRIPT.prompt_faults.get(text)
@@ -169,6 +177,7 @@ class ScriptedGuard:
             res = guard.check(text, where)
             if res.blocked:
                 return res
+            text = res.text
         return GuardResult(text)
 
 
@@ -605,17 +614,6 @@ def test_a_refused_batch_gives_its_slots_back(rigged: Engine) -> None:
     assert in_flight(rigged, "slots") == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Admission.admit_batch takes a batch's tickets one by one and submits "
-    "nothing until all are taken; with wait_timeout it waits for a slot while "
-    "holding the batch's earlier slots, which are released only when those "
-    "requests run: a batch of 3 on max_concurrent=2 waits out the whole timeout "
-    "(then RateLimited, retry_after = the timeout) with the engine idle. Two "
-    "concurrent batches of 2 on max_concurrent=3 stall the same way. Expected: "
-    "the batch never waits on its own slots (run what is admitted, or refuse at "
-    "once).",
-)
 def test_a_batch_over_max_concurrent_does_not_wait_on_itself(
     rigged: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -849,16 +847,57 @@ def _a_word_only_in(text: str, other: str) -> str:
     return found[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="OutputProcessor runs the output guards only in finalize(); add_token "
-    "streams each Delta before any guard has seen the text, so a fresh stream "
-    "whose answer a guard blocks has already delivered the blocked word before "
-    "the GuardBlockedError (and with action='redact' the deltas carry the "
-    "unredacted text while the final completion is redacted).",
-)
 def test_a_fresh_stream_never_delivers_text_a_guard_blocks(rigged: Engine) -> None:
     SCRIPT.output_guards = [BlockListGuard(["Paris"], where=("output",))]
     deltas, error = drain(rigged.stream("The capital of France is", GREEDY))
     assert isinstance(error, GuardBlockedError)
     assert "paris" not in "".join(d.text for d in deltas).lower()
+
+
+def test_a_guarded_stream_sends_redacted_text_as_it_goes(rigged: Engine) -> None:
+    SCRIPT.output_guards = [BlockListGuard(["Paris"], "redact", where=("output",))]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    deltas, error = drain(rigged.stream("The capital of France is", params))
+    assert error is None
+    final = deltas[-1].completion
+    assert final is not None and "[BLOCKED]" in final.text
+    assert "".join(d.text for d in deltas) == final.text
+    assert all("paris" not in d.text.lower() for d in deltas)
+    # Text flows before the end, held back only by the longest word plus one.
+    early = [d for d in deltas[:-1] if d.text]
+    assert len(early) >= 3
+    assert len(deltas[-1].text) <= len("Paris") + 1 + max(
+        len(rigged.tokenizer.decode([t])) for t in final.token_ids
+    )
+
+
+def test_a_guard_without_a_holdback_holds_the_stream_to_the_end(
+    rigged: Engine,
+) -> None:
+    SCRIPT.output_faults = {"never matches": "block"}  # the scripted guard: no holdback
+    deltas, error = drain(rigged.stream("The capital of France is", GREEDY))
+    assert error is None
+    assert [d.text for d in deltas[:-1]] == [""] * (len(deltas) - 1)
+    assert deltas[-1].text == deltas[-1].completion.text != ""
+
+
+def test_batches_sharing_a_tenant_slot_limit_do_not_wait_on_each_other(
+    rigged: Engine,
+) -> None:
+    # Two batches of 2 on max_concurrent=2: each may take one slot and then
+    # wait for a second; what each holds must run meanwhile.
+    results: list[Any] = []
+
+    def call() -> None:
+        results.append(
+            rigged.generate(["a", "b"], SHORT, tenant="wait", wait_timeout=60.0)
+        )
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(CALL_TIMEOUT)
+    assert not any(t.is_alive() for t in threads)
+    assert [[o.finish_reason for o in outs] for outs in results] == [["length"] * 2] * 2
+    assert in_flight(rigged, "wait") == 0

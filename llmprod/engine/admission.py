@@ -13,7 +13,7 @@ import logging
 import math
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -103,12 +103,15 @@ class Admission:
         params: SamplingParams | Sequence[SamplingParams] | None,
         tenant: str,
         return_exceptions: bool,
-        wait_timeout: float | None = None,
+        wait_timeout: float | None,
+        submit: Callable[[int, Request], None],
     ) -> list[Request | LLMProdError]:
-        """Admit a batch: every prompt is validated before any takes a tenant
-        limit, so a bad prompt holds no slot or token budget. Bad input raises
-        here, naming its index, unless ``return_exceptions`` keeps the error in
-        its place; a refused limit gives back what the batch took."""
+        """Admit a batch and hand each admitted request to ``submit`` (with its
+        index). Every prompt is validated before any takes a tenant limit, so
+        a bad prompt holds no slot or token budget. Bad input raises here,
+        naming its index, unless ``return_exceptions`` keeps the error in its
+        place (see :meth:`_take_batch_limits` for refused limits). Where this
+        raises after submitting, the caller aborts what it submitted."""
         inputs.check_tenant(tenant)
         batch = inputs.as_prompt_list(prompts)
         plist = inputs.params_list(params, len(batch))
@@ -130,23 +133,59 @@ class Admission:
                 if not return_exceptions:
                     raise err from exc
                 built.append(err)
-        taken: list[Request] = []
+        self._take_batch_limits(built, return_exceptions, wait_timeout, submit)
+        return built
+
+    def _take_batch_limits(
+        self,
+        built: list[Request | LLMProdError],
+        return_exceptions: bool,
+        wait_timeout: float | None,
+        submit: Callable[[int, Request], None],
+    ) -> None:
+        """Take the batch's limits and submit it.
+
+        Without waiting, the batch is admitted whole or not at all: a refusal
+        gives back what the batch took, and nothing has run. Where a prompt must
+        wait for a slot, what the batch holds is submitted first, so the batch
+        never waits on slots that only its own requests would free; a refusal
+        after that raises (or stays in place) and the caller aborts what ran.
+        """
+        taken: list[tuple[int, Request]] = []
+        waiting_from = len(built)
         try:
             for i, r in enumerate(built):
                 if not isinstance(r, Request):
                     continue
+                will_wait = wait_timeout is not None and wait_timeout > 0
                 try:
-                    self.take_limits(r, wait_timeout)
-                    taken.append(r)
+                    self.take_limits(r, None, count_refusal=not will_wait)
+                    taken.append((i, r))
                 except RateLimited as exc:
+                    if will_wait:
+                        waiting_from = i
+                        break
                     if not return_exceptions:
                         raise
                     built[i] = exc
         except BaseException:
-            for r in taken:  # nothing of this batch runs: give the limits back
+            for _, r in taken:  # nothing of this batch runs: give the limits back
                 self.release(r)
             raise
-        return built
+        for i, r in taken:
+            submit(i, r)
+        for i in range(waiting_from, len(built)):
+            r = built[i]
+            if not isinstance(r, Request):
+                continue
+            try:
+                self.take_limits(r, wait_timeout)
+            except RateLimited as exc:
+                if not return_exceptions:
+                    raise
+                built[i] = exc
+                continue
+            submit(i, r)
 
     def admit(
         self,
@@ -215,7 +254,9 @@ class Admission:
             req.flags["guards"] = {"prompt": flags}
         return req
 
-    def take_limits(self, req: Request, wait_timeout: float | None) -> None:
+    def take_limits(
+        self, req: Request, wait_timeout: float | None, count_refusal: bool = True
+    ) -> None:
         """Take the tenant's limits for a built request (raises RateLimited)."""
         if self.throttle is None:
             return
@@ -231,7 +272,11 @@ class Admission:
                 logger.warning("price table estimated cost=%r; using 0", estimate)
                 estimate = 0.0
         req.ticket = self.throttle.admit(
-            req.tenant, n + max_tokens, wait_timeout, estimated_cost=estimate
+            req.tenant,
+            n + max_tokens,
+            wait_timeout,
+            estimated_cost=estimate,
+            count_refusal=count_refusal,
         )
 
     @staticmethod

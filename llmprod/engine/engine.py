@@ -48,6 +48,7 @@ from llmprod.sched.scheduler import Scheduler
 
 if TYPE_CHECKING:
     from llmprod.ops.limits import Throttle
+    from llmprod.sched.request import Request
 
 logger = logging.getLogger("llmprod")
 
@@ -265,18 +266,24 @@ class Engine:
                 completion gets ``flags["grounding"]`` (MiniLM similarity of each
                 output sentence to the context).
         """
-        prepared = self.admission.admit_batch(
-            prompts, params, tenant, return_exceptions, wait_timeout
-        )
-        results: list[Any] = [None] * len(prepared)
         done: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
-        handles = []
-        for i, req in enumerate(prepared):
-            if isinstance(req, BaseException):
-                results[i] = req
-                continue
+        handles: list[Handle] = []
+
+        def submit(i: int, req: Request) -> None:
             sink = functools.partial(_put_indexed, done, i)
             handles.append(self._submit(req, sink, False))
+
+        try:
+            prepared = self.admission.admit_batch(
+                prompts, params, tenant, return_exceptions, wait_timeout, submit
+            )
+        except BaseException:
+            for h in handles:
+                self.abort(h.request.request_id)
+            raise
+        results: list[Any] = [
+            req if isinstance(req, BaseException) else None for req in prepared
+        ]
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -392,19 +399,28 @@ class Engine:
 
         Cancelling the awaiting task aborts its requests.
         """
-        reqs = self.admission.admit_batch(
-            prompts, params, tenant, return_exceptions, wait_timeout
-        )
         loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[Any]] = []
-        handles = []
-        for req in reqs:
-            fut: asyncio.Future[Any] = loop.create_future()
-            futures.append(fut)
-            if isinstance(req, BaseException):
-                fut.set_result(req)
-                continue
+        slots: dict[int, asyncio.Future[Any]] = {}
+        handles: list[Handle] = []
+
+        def submit(i: int, req: Request) -> None:
+            fut = slots[i] = loop.create_future()
             handles.append(self._submit(req, _future_setter(loop, fut), False))
+
+        try:
+            reqs = self.admission.admit_batch(
+                prompts, params, tenant, return_exceptions, wait_timeout, submit
+            )
+        except BaseException:
+            for h in handles:
+                self.abort(h.request.request_id)
+            raise
+        futures: list[asyncio.Future[Any]] = []
+        for i, req in enumerate(reqs):
+            if i not in slots:
+                slots[i] = loop.create_future()
+                slots[i].set_result(req)
+            futures.append(slots[i])
         try:
             results = list(await asyncio.gather(*futures))
         except BaseException:
@@ -544,6 +560,7 @@ def _make_throttle(limits: Any, default: Any) -> Throttle | None:
     if limits is None and default is None:
         return None
     from llmprod.ops.limits import Throttle
+    from llmprod.sched.request import Request
 
     if isinstance(limits, Throttle):
         return limits

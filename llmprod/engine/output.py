@@ -46,6 +46,11 @@ class Handle:
     """Set once the caller got its last item (completion, final delta or error)."""
     released: bool = False
     """Set once the request is recorded in the metrics and its ticket released."""
+    raw: str = ""
+    """With output guards: the text released by the detokenizer so far."""
+    sent: str = ""
+    """With output guards: the guarded text streamed so far (a prefix of what
+    the guards make of ``raw``)."""
 
 
 class OutputProcessor:
@@ -112,8 +117,38 @@ class OutputProcessor:
         stop_str = h.detok.add(token)
         reason = self._check_stop(req, token, stop_str)
         if reason is None and h.streaming:
-            h.sink(Delta(req.request_id, h.detok.take_delta(final=False), [token]))
+            text = h.detok.take_delta(final=False)
+            if self.guards:
+                text = self._settled(h, text)
+            h.sink(Delta(req.request_id, text, [token]))
         return reason
+
+    def _settled(self, h: Handle, text: str) -> str:
+        """The part of a guarded stream's text that is safe to send now.
+
+        The guards run on all the text so far; what is sent stays a prefix of
+        their output and ends :func:`stream_holdback` characters before its
+        end, so a match that more tokens could still complete (or a word a
+        block list holds) is never sent before the guards have seen it whole
+        (see :class:`~llmprod.ops.guards.Guard`). While the text so far is
+        blocked, or a guard fails, nothing more is sent; finalize decides.
+        """
+        if not text:
+            return ""
+        h.raw += text
+        holdback = stream_holdback(self.guards)  # a guard may change its own
+        if holdback is None:
+            return ""
+        try:
+            guarded = apply_guards(self.guards, h.raw, "output").text
+        except Exception:  # blocked (or a guard fault): finalize runs them again
+            return ""
+        settled = guarded[: max(len(guarded) - holdback, 0)]
+        if len(settled) <= len(h.sent) or not settled.startswith(h.sent):
+            return ""
+        out = settled[len(h.sent) :]
+        h.sent = settled
+        return out
 
     def _check_stop(self, req: Request, token: int, stop_str: str | None) -> str | None:
         p = req.params
@@ -148,12 +183,22 @@ class OutputProcessor:
             req.finish_reason = reason
             req.finish_time = time.monotonic()
             comp = self._completion(h, reason)
-            if self.guards and reason != "abort":
-                self.guard_output(comp)
+            if self.guards:
+                try:
+                    self.guard_output(comp)
+                except GuardBlockedError as exc:
+                    if reason != "abort":
+                        raise
+                    # An aborted request ends as aborted, with none of its text.
+                    comp.text = ""
+                    blocked = {exc.guard: dict(exc.findings)}
+                    comp.flags.setdefault("guards", {})["output"] = blocked
             cost = self._price(req)
             final: Completion | Delta = comp
             if h.streaming:
                 text = h.detok.take_delta(final=True)
+                if self.guards:
+                    text = _rest(comp.text, h.sent)
                 final = Delta(req.request_id, text, last_token_ids or [], reason, comp)
         except GuardBlockedError as exc:
             self.fail(h, exc)
@@ -327,6 +372,37 @@ class OutputProcessor:
                 req.ticket.release(req.num_prompt_tokens + req.num_output_tokens, cost)
             except Exception:
                 logger.exception("releasing the ticket of %s failed", req.request_id)
+
+
+def stream_holdback(guards: list[Any]) -> int | None:
+    """Characters a guarded stream holds back: the most any output guard asks
+    for (its ``stream_holdback``), or None (hold all the text until the end)
+    when one does not say."""
+    most = 0
+    for g in guards:
+        if "output" not in getattr(g, "where", ("output",)):
+            continue
+        n = getattr(g, "stream_holdback", None)
+        if not isinstance(n, int) or n < 0:
+            return None
+        most = max(most, n)
+    return most
+
+
+def _rest(text: str, sent: str) -> str:
+    """What the final delta carries: the final text past what was streamed. The
+    final text normally extends what was sent; where a guard changed text that
+    was already sent (a match longer than its ``stream_holdback``), it carries
+    the final text past the common prefix and the completion is authoritative."""
+    if text.startswith(sent):
+        return text[len(sent) :]
+    logger.warning("an output guard changed text already streamed")
+    i = 0
+    for a, b in zip(text, sent):
+        if a != b:
+            break
+        i += 1
+    return text[i:]
 
 
 def failed(req: Request, where: str, exc: BaseException) -> RequestFailedError:

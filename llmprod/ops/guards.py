@@ -79,7 +79,14 @@ class Guard(Protocol):
     """A check on prompts and outputs."""
 
     name: str
-    """Unique name; keys the guard's flags in ``Completion.flags["guards"]``."""
+    """Unique name; keys the guard's flags in ``Completion.flags["guards"]``.
+
+    Optional attributes the engine reads: ``where`` (a collection of
+    ``"prompt"``/``"output"``; both when absent) and ``stream_holdback`` (an int:
+    the longest text one finding can span, plus one; a stream sends text only
+    that many characters behind what the guard has seen, so it never sends a
+    finding before the guard sees it whole; when absent, a stream holds all its
+    text until the guard has checked the final answer)."""
 
     def check(self, text: str, where: str) -> GuardResult:
         """Inspect one text.
@@ -283,6 +290,8 @@ class PIIGuard(_PatternGuard):
                 f"kinds={tuple(kinds)!r} must be a non-empty subset of {PII_KINDS}"
             )
         self.kinds = tuple(k for k in PII_KINDS if k in kinds)
+        self.stream_holdback = max(_LONGEST[k] for k in self.kinds) + 1
+        """See :class:`Guard`: the longest match of its kinds, plus one."""
 
     def find(self, text: str) -> list[tuple[int, int, str]]:
         """Validated matches, claimed in :data:`PII_KINDS` order."""
@@ -326,6 +335,10 @@ def _find_ibans(text: str) -> Iterable[tuple[int, int]]:
                 break
 
 
+_LONGEST = {"email": 254, "phone": 40, "card": 37, "iban": 64}
+"""The longest text each kind matches (an email address is at most 254
+characters; the others follow from their patterns)."""
+
 _FINDERS = {
     "email": _find_emails,
     "phone": _find_phones,
@@ -366,6 +379,9 @@ class BlockListGuard(_PatternGuard):
             if not isinstance(w, str) or not w.strip():
                 raise ValueError(f"words must be non-empty strings, got {w!r}")
         self.case_sensitive = case_sensitive
+        self.stream_holdback = max(len(w) for w in self.words) + 1
+        """See :class:`Guard`: the longest word, plus one for the character
+        that tells a whole word from the start of a longer one."""
         # Longest first, so a phrase wins over a word it starts with.
         alternatives = "|".join(
             re.escape(w) for w in sorted(set(self.words), key=len, reverse=True)

@@ -277,6 +277,7 @@ class Throttle:
         wait_timeout: float | None = None,
         *,
         estimated_cost: float = 0.0,
+        count_refusal: bool = True,
     ) -> Ticket:
         """Admit one request of ``tenant`` or refuse it.
 
@@ -291,6 +292,8 @@ class Throttle:
                 flight (e.g. the price of prompt + ``max_tokens``), so that
                 concurrent requests cannot overrun the budget by more than their
                 estimates understate.
+            count_refusal: count a refusal in ``snapshot()["rejected"]``; False
+                for a try the caller follows with a waiting one.
 
         Returns:
             A :class:`Ticket`; release it when the request ends.
@@ -333,7 +336,8 @@ class Throttle:
                 limit, retry_after, timed = refusal
                 left = None if deadline is None else deadline - now
                 if left is None or left <= 0 or (timed and retry_after > left):
-                    st.rejected[limit] += 1
+                    if count_refusal:
+                        st.rejected[limit] += 1
                     raise RateLimited(
                         f"tenant {tenant!r} is over its {limit} limit "
                         f"({_describe(st.limits, limit)}); retry after "
