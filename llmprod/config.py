@@ -237,7 +237,7 @@ class SchedulerConfig:
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _BACKENDS = ("auto", "torch", "triton")
-_QUANT = (None, "int8", "int8-wo", "int8-bnb")
+_QUANT = (None, "int8", "int8-wo", "int8-bnb", "int4", "gguf")
 _MODEL_IMPLS = ("auto", "native", "generic")
 _LINEAR_BACKENDS = ("auto", "onednn", "torch")
 _SCREENING = ("auto", "on", "off")
@@ -272,10 +272,15 @@ class EngineConfig:
     """"auto" (the native implementation where there is one, else transformers'
     modeling code with paged attention), "native" or "generic"."""
     quantization: str | None = None
-    """None, "int8" (best measured path), "int8-wo" or "int8-bnb"."""
+    """None, "int8" (best measured path), "int8-wo", "int8-bnb", "int4"
+    (groupwise 4-bit, quantized at load) or "gguf" (a GGUF model's own Q4_0/Q4_1
+    weights, run as they are; docs/quantization.md)."""
     quantization_skip: tuple[str, ...] = DEFAULT_QUANTIZATION_SKIP
-    """Modules int8 leaves in full precision (a name, a dotted suffix or a parent,
-    e.g. "mlp.down_proj"); ``()`` quantizes lm_head too."""
+    """Modules quantization leaves in full precision (a name, a dotted suffix or
+    a parent, e.g. "mlp.down_proj"); ``()`` quantizes lm_head too."""
+    quantization_group_size: int = 32
+    """Input weights per scale with ``quantization="int4"``: 32, 64 or 128 (it
+    must divide every quantized layer's input width)."""
     cache: str | CacheBackend | None = None
     """Exact response cache: a URL ("memory://", "redis://127.0.0.1:6379/0",
     "diskcache:///dir", "s3://bucket/prefix"), a backend or a TieredCache."""
@@ -332,6 +337,9 @@ class EngineConfig:
         if names is None or not all(isinstance(x, str) for x in names):
             raise _fail("quantization_skip", skip, "must be a list of module names")
         object.__setattr__(self, "quantization_skip", names)
+        gs = self.quantization_group_size
+        if not (_is_int(gs) and gs in (32, 64, 128)):
+            raise _fail("quantization_group_size", gs, "must be 32, 64 or 128")
         _check_cache("cache", self.cache)
         _check_cache("semantic_cache", self.semantic_cache)
         t = self.semantic_threshold

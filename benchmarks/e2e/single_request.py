@@ -39,6 +39,12 @@ SYSTEMS: dict[str, dict[str, Any] | None] = {
         "quantization": "int8",
         "quantization_skip": ["embed_tokens"],
     },
+    "llmprod gguf (the file's Q4_1 codes, `quantization='gguf'`)": {
+        "quantization": "gguf"
+    },
+    "llmprod int4 (quantized at load, group 32, `quantization='int4'`)": {
+        "quantization": "int4"
+    },
 }
 
 
@@ -84,13 +90,22 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--only", help="comma-separated substrings: run the systems whose name has "
+        "one (the transformers baseline always runs)",
+    )  # fmt: skip
     ap.add_argument("--system", help=argparse.SUPPRESS)  # child process
     args = ap.parse_args()
     if args.system:
         print(json.dumps(measure(args.system, args.new_tokens, args.threads)))
         return
+    systems = SYSTEMS
+    if args.only:
+        keys = args.only.split(",")
+        systems = {n: kw for n, kw in SYSTEMS.items()
+                   if n == BASELINE or any(k in n for k in keys)}  # fmt: skip
     runs: dict[str, list[float]] = run_each_in_own_process(
-        "benchmarks.e2e.single_request", "--system", SYSTEMS, args.repeats,
+        "benchmarks.e2e.single_request", "--system", systems, args.repeats,
         ["--new-tokens", str(args.new_tokens), "--threads", str(args.threads)],
     )  # fmt: skip
     base = statistics.median(runs[BASELINE])

@@ -42,6 +42,7 @@ from llmprod.ops.metrics import (
     MetricsSnapshot,
 )
 from llmprod.outputs import Completion, Delta
+from llmprod.quant.footprint import weight_bytes_by_format
 from llmprod.sampling_params import SamplingParams
 from llmprod.sched.request import Request
 from llmprod.sched.scheduler import Scheduler
@@ -89,6 +90,8 @@ class Engine:
         self.greedy_head = fast.greedy_head
         """Picks the tokens of small all-greedy steps without the full lm_head
         product (``llmprod.layers.screened_head``); None where it is off."""
+        self.weight_bytes = weight_bytes_by_format(model, self.greedy_head)
+        """Resident weight bytes by format ("float32", "int8", "int4"...)."""
         self.vocab_size = int(hf_config.vocab_size)
         self.max_model_len = max_model_len(hf_config, config.max_model_len)
         self.eos_token_ids = eos_token_ids(hf_config, tokenizer, model_path)
@@ -105,8 +108,9 @@ class Engine:
         )
         self.num_blocks = ModelRunner.num_blocks_for(cc, self.kv_block_bytes)
         self.quantization = quantization
-        # Where the int8 weights came from: "quantized-at-load" (llmprod quantized
-        # them, or reloaded its own saved copy) or "bitsandbytes-checkpoint".
+        # Where the quantized weights came from: "quantized-at-load" (llmprod
+        # quantized them, or reloaded its own saved copy), "gguf" (the file's own
+        # Q4 codes) or "bitsandbytes-checkpoint".
         self.quantization_source = quantization_source
         self.throttle = _make_throttle(config.limits, config.default_limits)
         self.guards = list(config.guards or [])
@@ -560,7 +564,6 @@ def _make_throttle(limits: Any, default: Any) -> Throttle | None:
     if limits is None and default is None:
         return None
     from llmprod.ops.limits import Throttle
-    from llmprod.sched.request import Request
 
     if isinstance(limits, Throttle):
         return limits

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,11 @@ def load_model(
             hf_config, path, dtype, device, config.quantization
         )
         source = quant.BNB_CHECKPOINT_SOURCE
+    elif config.quantization in ("int4", "gguf"):
+        gguf_path = _gguf_for(path, config) if config.quantization == "gguf" else None
+        nn_model = build_model(hf_config, path, dtype, device, config.model_impl)
+        quantization = _quantize_int4(nn_model, config, hf_config, gguf_path)
+        source = "gguf" if gguf_path is not None else "quantized-at-load"
     else:
         nn_model = build_model(hf_config, path, dtype, device, config.model_impl)
         if config.quantization is not None:
@@ -120,6 +126,64 @@ def linear_backend(
         return resolve_linear_backend(config.linear_backend, device, dtype)
     except ValueError as exc:
         raise InvalidConfigError(str(exc), "linear_backend") from exc
+
+
+def _gguf_for(path: Path, config: EngineConfig) -> Path:
+    """The GGUF file whose Q4 weights ``quantization="gguf"`` runs; its tensor
+    types are checked before the model is built."""
+    from llmprod.quant.gguf import GGUFTypeError, check_gguf_types, gguf_file_of
+
+    gguf_path = gguf_file_of(path)
+    if gguf_path is None:
+        raise InvalidConfigError(
+            f"quantization='gguf' runs a GGUF file's own weights, and {str(path)!r} "
+            f"did not come from a GGUF file that is still on disk; use "
+            f"quantization='int4' to quantize it at load",
+            "quantization",
+        )
+    try:
+        check_gguf_types(gguf_path)
+    except GGUFTypeError as exc:
+        raise InvalidConfigError(str(exc), "quantization") from exc
+    return gguf_path
+
+
+def _quantize_int4(
+    model: torch.nn.Module,
+    config: EngineConfig,
+    hf_config: Any,
+    gguf_path: Path | None,
+) -> str:
+    """Swap in int4 layers: the GGUF file's own Q4 codes, or quantized now."""
+    from llmprod.quant.gguf import GGUFTypeError, load_gguf_int4
+    from llmprod.quant.int4 import quantize_model_int4
+
+    if next(model.parameters()).device.type != "cpu":
+        raise InvalidConfigError(
+            f"quantization={config.quantization!r} runs on CPU; on CUDA use "
+            f"quantization='int8'",
+            "quantization",
+        )
+    t0 = time.perf_counter()
+    try:
+        if gguf_path is not None:
+            n = load_gguf_int4(model, gguf_path, hf_config, config.quantization_skip)
+        else:
+            n = quantize_model_int4(
+                model, config.quantization_group_size, config.quantization_skip
+            )
+    except (GGUFTypeError, ValueError) as exc:
+        raise InvalidConfigError(str(exc), "quantization") from exc
+    from llmprod.exec.memory import release_freed_memory
+
+    release_freed_memory()  # the float32 weights the int4 layers replaced
+    logger.info(
+        "%s: %d linear layers in int4 (%.2f s)",
+        config.quantization,
+        n,
+        time.perf_counter() - t0,
+    )
+    return str(config.quantization)
 
 
 def quantize_once(

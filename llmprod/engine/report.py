@@ -51,6 +51,7 @@ def snapshot(engine: Engine) -> MetricsSnapshot:
             "model_impl": engine.model_impl,
             "quantization": engine.quantization,
             "quantization_source": engine.quantization_source,
+            "weights_bytes": dict(engine.weight_bytes),
             "model_path": str(engine.model_path),
         },
     )
