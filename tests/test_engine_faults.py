@@ -74,7 +74,7 @@ def test_unknown_model_option_and_values_list_accepted(tmp_path: Any) -> None:
     with pytest.raises(InvalidConfigError, match="no such file"):
         Engine.from_pretrained(str(tmp_path / "missing.gguf"))
     with pytest.raises(ValueError, match=r"quantization.*int8"):
-        Engine.from_pretrained("smollm2-135m", quantization="int4")
+        Engine.from_pretrained("smollm2-135m", quantization="int3")
     with pytest.raises(ValueError, match=r"accepted: .*kv_cache_memory"):
         Engine.from_pretrained("smollm2-135m", kv_cache_mem="1GiB")
     with pytest.raises(ValueError, match="kv_cache_memory"):
