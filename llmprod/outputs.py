@@ -69,6 +69,9 @@ class Completion:
     """One entry per prompt token; the first is None (nothing before it)."""
     flags: dict[str, Any] = field(default_factory=dict)
     """Safety and quality signals."""
+    parsed: Any = None
+    """The decoded JSON of a request with ``structured=StructuredOutputs(json=...)``
+    (or ``json_object=True``) that finished; None otherwise."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (token-id keys of ``top`` become strings in JSON)."""

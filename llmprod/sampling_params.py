@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from llmprod.errors import InvalidRequestError
+from llmprod.structured.params import StructuredOutputs
 
 MAX_LOGPROBS = 20
 
@@ -71,6 +72,9 @@ class SamplingParams:
     """Keep the matched stop string at the end of the text."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the decoded text."""
+    structured: StructuredOutputs | None = None
+    """What the output must match: a JSON Schema, a regex, a choice or a
+    grammar (docs/structured-output.md)."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     """Free-form caller data carried along; never changes the output."""
 
@@ -148,6 +152,12 @@ class SamplingParams:
                 raise _fail(name, v, "must be True or False")
         if not isinstance(self.extra, dict):
             raise _fail("extra", self.extra, "must be a dict")
+        if self.structured is not None and not isinstance(
+            self.structured, StructuredOutputs
+        ):
+            raise _fail(
+                "structured", self.structured, "must be None or StructuredOutputs(...)"
+            )
 
     @property
     def is_greedy(self) -> bool:
@@ -166,6 +176,8 @@ class SamplingParams:
             if f.name == "extra":
                 continue
             v = getattr(self, f.name)
+            if isinstance(v, StructuredOutputs):
+                v = v.to_dict()
             out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
 

@@ -43,6 +43,7 @@ _MARK = re.compile("\ue000(\\d+)\ue001")
 if TYPE_CHECKING:
     from llmprod.answers.caches import AnswerCaches
     from llmprod.ops.limits import Throttle
+    from llmprod.structured.backend import GrammarBackend
 
 
 class Admission:
@@ -57,6 +58,7 @@ class Admission:
         device: where seeded requests' generators live.
         throttle: tenant limits, or None.
         answers: the answer caches, or None.
+        grammars: compiles structured-output constraints, or None.
     """
 
     def __init__(
@@ -71,8 +73,11 @@ class Admission:
         device: torch.device,
         throttle: Throttle | None,
         answers: AnswerCaches | None,
+        grammars: GrammarBackend | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.grammars = grammars
+        """Compiles structured-output constraints (None: they are refused)."""
         self.model_name = model_name
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -248,6 +253,12 @@ class Admission:
         req = Request(rid, ids, params, tenant=tenant, text=text, context=context)
         if self.is_tenant_scoped:
             req.cache_keys = (f"tenant:{tenant}",)
+        if params.structured is not None:
+            if self.grammars is None:
+                raise InvalidRequestError(
+                    "structured outputs are not available on this engine", "structured"
+                )
+            req.matcher = self.grammars.matcher(params.structured)
         if params.seed is not None:
             req.generator = seeded_generator(params.seed, self.device)
         if flags:

@@ -46,6 +46,7 @@ from llmprod.quant.footprint import weight_bytes_by_format
 from llmprod.sampling_params import SamplingParams
 from llmprod.sched.request import Request
 from llmprod.sched.scheduler import Scheduler
+from llmprod.structured.backend import GrammarBackend
 
 if TYPE_CHECKING:
     from llmprod.ops.limits import Throttle
@@ -139,6 +140,7 @@ class Engine:
             self.device,
             self.throttle,
             self.answers,
+            GrammarBackend(tokenizer, self.vocab_size, self.eos_token_ids),
         )
         kv = KVCacheManager(self.num_blocks, self.block_size, cc.enable_prefix_caching)
         runner = ModelRunner(

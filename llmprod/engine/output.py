@@ -8,6 +8,7 @@ the answer caches, and hand it to the caller's sink.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -115,6 +116,8 @@ class OutputProcessor:
         if logprob is not None:
             req.logprobs.append(logprob)
         stop_str = h.detok.add(token)
+        if req.matcher is not None:
+            req.matcher.consume_token(token)
         reason = self._check_stop(req, token, stop_str)
         if reason is None and h.streaming:
             text = h.detok.take_delta(final=False)
@@ -156,6 +159,8 @@ class OutputProcessor:
             req.stop_reason = stop_str
             return "stop"
         n_out = req.num_output_tokens
+        if req.matcher is not None and req.matcher.is_stopped():
+            return "stop"  # the grammar is complete: nothing may follow
         if n_out >= p.min_tokens:
             if token in p.stop_token_ids:
                 req.stop_reason = token
@@ -259,6 +264,9 @@ class OutputProcessor:
                 logger.exception("output guards failed on %s", req.request_id)
                 self.fail(h, failed(req, "in the output guards", exc))
                 return
+        so = req.params.structured
+        if so is not None and so.is_json and comp.finish_reason == "stop":
+            comp.parsed = _parse_json(comp.text)
         h.released = True
         try:
             if req.ticket is not None:
@@ -313,6 +321,12 @@ class OutputProcessor:
         )
         if req.flags:
             comp.flags.update(req.flags)
+        so = req.params.structured
+        if so is not None and req.matcher is not None:
+            complete = bool(req.matcher.is_accepting())
+            comp.flags["structured"] = {"kind": so.kind, "complete": complete}
+            if so.is_json and complete:
+                comp.parsed = _parse_json(comp.text)
         if req.params.logprobs is not None and req.logprobs:
             comp.flags["confidence"] = logprob_signals(
                 req.logprobs, [lp.entropy for lp in req.logprobs]
@@ -372,6 +386,14 @@ class OutputProcessor:
                 req.ticket.release(req.num_prompt_tokens + req.num_output_tokens, cost)
             except Exception:
                 logger.exception("releasing the ticket of %s failed", req.request_id)
+
+
+def _parse_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:  # an output guard redacted it, or a grammar gap
+        logger.warning("a structured JSON answer did not parse")
+        return None
 
 
 def stream_holdback(guards: list[Any]) -> int | None:

@@ -1,7 +1,8 @@
 """Turn the logits of the sampled rows into next tokens.
 
-Order of operations (as transformers applies them): repetition penalty, min-token
-suppression, temperature, top-k, top-p, then a draw. Greedy rows take the argmax
+Order of operations (as transformers applies them): the grammar mask of a
+structured request, repetition penalty, min-token suppression, temperature,
+top-k, top-p, then a draw. Greedy rows take the argmax
 (the first index on ties, like transformers). Draws use the exponential race
 (argmax of p / E with E ~ Exp(1)), whose noise comes from the request's own
 generator when it has a seed, so a seeded request draws the same tokens alone or
@@ -16,6 +17,7 @@ import torch
 
 from llmprod.outputs import TokenLogprob
 from llmprod.sched.request import Request
+from llmprod.structured.backend import apply_masks
 
 
 @dataclass(slots=True)
@@ -43,9 +45,14 @@ class Sampler:
         requests: list[Request],
         eos_token_ids: tuple[int, ...],
     ) -> SamplerOutput:
-        raw = logits
-        logits = self._apply_penalties(logits, requests, eos_token_ids)
         params = [r.params for r in requests]
+        raw = logits  # the model's own, for logprobs
+        matchers = [r.matcher for r in requests]
+        if any(m is not None for m in matchers):
+            # Grammar masks first: a forbidden token is never drawn.
+            wants_lp = any(p.logprobs is not None for p in params)
+            logits = apply_masks(logits.clone() if wants_lp else logits, matchers)
+        logits = self._apply_penalties(logits, requests, eos_token_ids)
         if all(p.is_greedy for p in params):
             chosen = logits.argmax(dim=-1)
         else:
@@ -70,6 +77,7 @@ class Sampler:
         return (
             p.is_greedy
             and p.logprobs is None
+            and request.matcher is None
             and not _penalized(request)
             and not _min_tokens_active(request)
         )

@@ -75,6 +75,9 @@ class Request:
     """The throttle's admission, released when the request ends."""
     flags: dict[str, Any] = field(default_factory=dict)
     """Signals gathered before the model runs (prompt guards)."""
+    matcher: Any = None
+    """A structured request's llguidance matcher (set at admission; the sampler
+    reads its mask, the output phase feeds it each token)."""
 
     def __post_init__(self) -> None:
         if not self.token_ids:
