@@ -76,7 +76,9 @@ def sampling_key_fields(params: SamplingParams) -> dict[str, Any]:
     """Return the sampling fields that change the output, normalised for hashing.
 
     That is every field of ``params.to_dict()`` (everything but ``extra``), with
-    float fields as floats so that ``temperature=0`` and ``0.0`` agree.
+    float fields as floats so that ``temperature=0`` and ``0.0`` agree;
+    ``structured`` only when set, so that the keys of requests without a
+    constraint are the keys they had before the field existed.
 
     Args:
         params: the request's sampling parameters.
@@ -86,6 +88,8 @@ def sampling_key_fields(params: SamplingParams) -> dict[str, Any]:
     """
     out = params.to_dict()
     out.pop("extra", None)
+    if out.get("structured") is None:  # keys of before, for unconstrained requests
+        out.pop("structured", None)
     for name in _FLOAT_FIELDS:
         value = out.get(name)
         if isinstance(value, (int, float)) and not isinstance(value, bool):

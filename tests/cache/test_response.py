@@ -32,6 +32,7 @@ from llmprod.cache import FailSafeCache, MemoryCache, TieredCache, open_cache
 from llmprod.models.fingerprint import model_fingerprint
 from llmprod.outputs import Completion, Timings, TokenLogprob, Usage
 from llmprod.sampling_params import SamplingParams
+from llmprod.structured import StructuredOutputs
 
 from .conftest import RedisServer
 
@@ -139,11 +140,13 @@ FIELD_VARIANTS: dict[str, Any] = {
     "repetition_penalty": 1.1,
     "include_stop_str_in_output": True,
     "skip_special_tokens": False,
+    "structured": StructuredOutputs(json_object=True),
 }
 
 
 def test_key_changes_with_every_output_changing_field() -> None:
-    keyed = set(sampling_key_fields(GREEDY))
+    # structured is keyed only when set (unconstrained keys stay as they were).
+    keyed = set(sampling_key_fields(GREEDY)) | {"structured"}
     assert keyed == {f.name for f in dataclasses.fields(SamplingParams)} - {"extra"}
     assert set(FIELD_VARIANTS) == keyed, (
         "add a variant for each new SamplingParams field"
