@@ -215,6 +215,7 @@ def test_structured_answers_are_cached_per_constraint(make_engine: Any) -> None:
     p = _json({"type": "object", "properties": {"ok": {"type": "boolean"}},
                "required": ["ok"], "additionalProperties": False})  # fmt: skip
     first = eng.generate("Status:", p)[0]
+    eng.answers.exact.flush(10.0)  # stores are queued, written behind
     second = eng.generate("Status:", p)[0]
     assert second.cache_hit is not None and second.text == first.text
     assert second.parsed == first.parsed == json.loads(first.text)
