@@ -158,11 +158,11 @@ class Admission:
         """
         taken: list[tuple[int, Request]] = []
         waiting_from = len(built)
+        will_wait = wait_timeout is not None and wait_timeout > 0
         try:
             for i, r in enumerate(built):
                 if not isinstance(r, Request):
                     continue
-                will_wait = wait_timeout is not None and wait_timeout > 0
                 try:
                     self.take_limits(r, None, count_refusal=not will_wait)
                     taken.append((i, r))

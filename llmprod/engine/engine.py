@@ -273,20 +273,10 @@ class Engine:
                 output sentence to the context).
         """
         done: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
-        handles: list[Handle] = []
-
-        def submit(i: int, req: Request) -> None:
-            sink = functools.partial(_put_indexed, done, i)
-            handles.append(self._submit(req, sink, False))
-
-        try:
-            prepared = self.admission.admit_batch(
-                prompts, params, tenant, return_exceptions, wait_timeout, submit
-            )
-        except BaseException:
-            for h in handles:
-                self.abort(h.request.request_id)
-            raise
+        prepared, handles = self._admit_batch(
+            prompts, params, tenant, return_exceptions, wait_timeout,
+            lambda i: functools.partial(_put_indexed, done, i),
+        )  # fmt: skip
         results: list[Any] = [
             req if isinstance(req, BaseException) else None for req in prepared
         ]
@@ -379,6 +369,34 @@ class Engine:
         h = self._submit(req, q.put, True)
         return self._iter_stream(h, q)
 
+    def _admit_batch(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None,
+        tenant: str,
+        return_exceptions: bool,
+        wait_timeout: float | None,
+        sink_for: Callable[[int], Callable[[Any], None]],
+    ) -> tuple[list[Any], list[Handle]]:
+        """Admit a batch, submitting each admitted prompt with the sink
+        ``sink_for(index)`` gives; if admission raises, abort what it
+        submitted. Returns the admission's list (requests or their errors) and
+        the handles."""
+        handles: list[Handle] = []
+
+        def submit(i: int, req: Request) -> None:
+            handles.append(self._submit(req, sink_for(i), False))
+
+        try:
+            prepared = self.admission.admit_batch(
+                prompts, params, tenant, return_exceptions, wait_timeout, submit
+            )
+        except BaseException:
+            for h in handles:
+                self.abort(h.request.request_id)
+            raise
+        return list(prepared), handles
+
     def _iter_stream(self, h: Handle, q: queue.SimpleQueue[Any]) -> Iterator[Delta]:
         try:
             while True:
@@ -407,20 +425,14 @@ class Engine:
         """
         loop = asyncio.get_running_loop()
         slots: dict[int, asyncio.Future[Any]] = {}
-        handles: list[Handle] = []
 
-        def submit(i: int, req: Request) -> None:
+        def sink_for(i: int) -> Callable[[Any], None]:
             fut = slots[i] = loop.create_future()
-            handles.append(self._submit(req, _future_setter(loop, fut), False))
+            return _future_setter(loop, fut)
 
-        try:
-            reqs = self.admission.admit_batch(
-                prompts, params, tenant, return_exceptions, wait_timeout, submit
-            )
-        except BaseException:
-            for h in handles:
-                self.abort(h.request.request_id)
-            raise
+        reqs, handles = self._admit_batch(
+            prompts, params, tenant, return_exceptions, wait_timeout, sink_for
+        )
         futures: list[asyncio.Future[Any]] = []
         for i, req in enumerate(reqs):
             if i not in slots:

@@ -24,6 +24,7 @@ from torch import nn
 
 from llmprod.config import DEFAULT_QUANTIZATION_SKIP
 from llmprod.quant.bnb_linear import _is_bnb_linear
+from llmprod.quant.footprint import _nbytes, _storage_key
 from llmprod.quant.runtime import _quantized_tensors, _runtime_module, resolve_method
 from llmprod.quant.scheme import quantize_per_channel
 from llmprod.quant.weight_only import WeightOnlyInt8Linear
@@ -310,11 +311,6 @@ def linear_weight_bytes(model: nn.Module, skip: tuple[str, ...] = ()) -> int:
         if _is_skipped(name, skip):
             continue
         for t in _held_tensors(module):
-            if t.device.type == "meta":
-                continue
-            if t.is_mkldnn:  # a packed oneDNN weight: opaque, never shared
-                seen[id(t)] = t.numel() * t.element_size()
-                continue
-            storage = t.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
+            if t.device.type != "meta":
+                seen[_storage_key(t)] = _nbytes(t)
     return sum(seen.values())

@@ -25,6 +25,10 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.untyped_storage().nbytes()
 
 
+def _format(t: torch.Tensor) -> str:
+    return "int8" if t.dtype == torch.int8 else str(t.dtype).removeprefix("torch.")
+
+
 def weight_bytes_by_format(model: nn.Module, *extra: Any) -> dict[str, int]:
     """Resident bytes of the model's weights, keyed by format: ``"int4"`` (codes,
     scales and minimums of int4 layers), ``"int8"`` (int8 layers, with their
@@ -63,19 +67,11 @@ def weight_bytes_by_format(model: nn.Module, *extra: Any) -> dict[str, int]:
                 add(str(module.bias.dtype).removeprefix("torch."), module.bias)
             continue
         for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
-            fmt = (
-                "int8" if t.dtype == torch.int8 else str(t.dtype).removeprefix("torch.")
-            )
-            add(fmt, t)
+            add(_format(t), t)
     for holder in extra:
         if holder is None:
             continue
         for value in vars(holder).values() if hasattr(holder, "__dict__") else ():
             if isinstance(value, torch.Tensor):
-                fmt = (
-                    "int8"
-                    if value.dtype == torch.int8
-                    else str(value.dtype).removeprefix("torch.")
-                )
-                add(fmt, value)
+                add(_format(value), value)
     return dict(sorted(out.items()))

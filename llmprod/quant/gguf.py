@@ -16,7 +16,6 @@ settles the row order of the projections GGUF stores permuted (Llama's q and k).
 from __future__ import annotations
 
 import json
-import logging
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,8 +27,6 @@ import torch
 from torch import nn
 
 from llmprod.quant.int4 import Int4Weight, WeightOnlyInt4Linear
-
-logger = logging.getLogger("llmprod")
 
 __all__ = [
     "NATIVE_TYPES",
@@ -46,8 +43,6 @@ NATIVE_TYPES = ("Q4_0", "Q4_1")
 
 FLOAT_TYPES = ("F32", "F16", "BF16", "Q8_0")
 """Types left as the float32 they expand to."""
-
-_BLOCK = 32
 
 
 class GGUFTypeError(ValueError):

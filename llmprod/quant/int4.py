@@ -36,7 +36,6 @@ __all__ = [
     "Int4Weight",
     "WeightOnlyInt4Linear",
     "dequantize_int4",
-    "int4_layers",
     "is_int4pack_available",
     "quantize_int4",
     "quantize_model_int4",
@@ -379,10 +378,6 @@ def quantize_model_int4(
         layer.prepare()
         _set_submodule(model, name, layer)
     return len(targets)
-
-
-def int4_layers(model: nn.Module) -> list[WeightOnlyInt4Linear]:
-    return [m for m in model.modules() if isinstance(m, WeightOnlyInt4Linear)]
 
 
 @functools.cache

@@ -44,12 +44,9 @@ class StructuredOutputs:
     """Any JSON object."""
 
     def __post_init__(self) -> None:
-        given = [
-            f
-            for f in FIELDS
-            if (getattr(self, f) is not None and f != "json_object")
-            or (f == "json_object" and self.json_object is not False)
-        ]
+        given = [f for f in FIELDS[:-1] if getattr(self, f) is not None]
+        if self.json_object is not False:
+            given.append("json_object")
         if len(given) != 1:
             raise _fail(
                 f"structured outputs need exactly one of {', '.join(FIELDS)}; got "
