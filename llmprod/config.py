@@ -250,7 +250,11 @@ class EngineConfig:
 
     dtype: str = "auto"
     """Weights and activations: "auto" (float32 on CPU, bfloat16 on CUDA),
-    "float32", "float16" or "bfloat16"."""
+    "float32", "float16" or "bfloat16". On a CPU with bf16 instructions
+    (AVX-512 BF16, AMX) "bfloat16" runs its linear layers through oneDNN with
+    float32 accumulation; it is faster, but a request's tokens may then change
+    at ties with the rows beside it, so "auto" keeps float32 on the CPU
+    (docs/concepts.md)."""
     device: str = "auto"
     """"auto" (CUDA when present), "cpu" or "cuda[:N]"."""
     max_model_len: int | None = None
@@ -258,9 +262,10 @@ class EngineConfig:
     attention_backend: str = "auto"
     """"auto" (Triton on CUDA, torch on CPU), "torch" or "triton"."""
     linear_backend: str = "auto"
-    """Who computes the float32 linear layers on CPU: "auto" (oneDNN on x86-64
-    where PyTorch has it, else torch), "onednn" or "torch" (PyTorch's default
-    BLAS). Other dtypes and CUDA always use "torch"."""
+    """Who computes the float32 and bfloat16 linear layers on CPU: "auto" (oneDNN
+    on x86-64 where PyTorch has it, for bfloat16 only where the CPU has bf16
+    instructions; else torch), "onednn" or "torch" (PyTorch's default path).
+    Other dtypes and CUDA always use "torch"."""
     greedy_screening: str = "auto"
     """Greedy steps of a few rows on CPU pick their tokens without the full float32
     lm_head product: an int8 copy scores every token, a proven error bound keeps

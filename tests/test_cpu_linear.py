@@ -12,6 +12,7 @@ from torch import nn
 from llmprod.errors import InvalidConfigError
 from llmprod.layers.linear import (
     OneDNNLinear,
+    bf16_hardware,
     onednn_available,
     pack_onednn_linears,
     packing_available,
@@ -61,6 +62,29 @@ def test_onednn_linear_matches_nn_linear(
         )
 
 
+@pytest.mark.skipif(
+    not packing_available(torch.bfloat16), reason="no oneDNN bfloat16 packing here"
+)
+@pytest.mark.parametrize("rows", [1, 5, 40, 300])
+def test_bfloat16_layers_pack_and_match_a_float32_product_of_their_values(
+    rows: int,
+) -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(576, 960, bias=True).to(torch.bfloat16)
+    x = torch.randn(rows, 576).to(torch.bfloat16)
+    w, b = layer.weight.detach().clone(), layer.bias.detach().clone()
+    use_onednn_linears(layer)
+    assert pack_onednn_linears(layer) == 1 and layer.is_packed
+    with torch.inference_mode():
+        got = layer(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 960)
+    # The same values multiplied in float32, then rounded once to bfloat16: the
+    # packed product accumulates in float32 and rounds its output once.
+    want = F.linear(x.float(), w.float(), b.float())
+    torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=2**-7)
+    assert torch.equal(layer.state_dict()["weight"], w)
+
+
 def test_row_buckets_bound_the_number_of_shapes() -> None:
     # oneDNN keeps a kernel, with memory of its own, per problem shape: every row
     # count from 1 to 2048 must map to few shapes, never to fewer rows than asked,
@@ -87,13 +111,15 @@ def test_switching_keeps_parameters_ties_and_other_layers() -> None:
             "head": head,
             "proj": proj,
             "bf16": nn.Linear(16, 16).to(torch.bfloat16),
+            "fp16": nn.Linear(16, 16).to(torch.float16),
             "int8": WeightOnlyInt8Linear.from_quantized(q, s),
         }
     )
     keys = dict(model.state_dict())
-    assert use_onednn_linears(model) == 2
+    assert use_onednn_linears(model) == 3
     assert type(model["head"]) is OneDNNLinear and type(model["proj"]) is OneDNNLinear
-    assert type(model["bf16"]) is nn.Linear  # other dtypes stay with torch
+    assert type(model["bf16"]) is OneDNNLinear
+    assert type(model["fp16"]) is nn.Linear  # other dtypes stay with torch
     assert type(model["int8"]) is WeightOnlyInt8Linear
     assert model["head"].weight is emb.weight  # still tied
     assert model["proj"].shard_sizes == [8, 8]
@@ -168,9 +194,12 @@ def test_backend_resolution() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_linear_backend("torch", cpu, torch.float32) == "torch"
     assert resolve_linear_backend("auto", cuda, torch.float32) == "torch"
-    assert resolve_linear_backend("auto", cpu, torch.bfloat16) == "torch"
-    with pytest.raises(ValueError, match="float32 on CPU"):
-        resolve_linear_backend("onednn", cpu, torch.bfloat16)
+    # bfloat16 through oneDNN only where the CPU has bf16 instructions.
+    bf16 = "onednn" if bf16_hardware() and onednn_available(torch.bfloat16) else "torch"
+    assert resolve_linear_backend("auto", cpu, torch.bfloat16) == bf16
+    assert resolve_linear_backend("auto", cpu, torch.float16) == "torch"
+    with pytest.raises(ValueError, match="float32 or bfloat16 on CPU"):
+        resolve_linear_backend("onednn", cpu, torch.float16)
     with pytest.raises(ValueError, match="linear_backend"):
         resolve_linear_backend("mkl", cpu, torch.float32)
 
@@ -194,5 +223,5 @@ def test_engine_reports_and_validates_its_linear_backend(
         make_engine(linear_backend="blas")
     assert err.value.field == "linear_backend"
     with pytest.raises(InvalidConfigError) as err:
-        make_engine(linear_backend="onednn", dtype="bfloat16")
+        make_engine(linear_backend="onednn", dtype="float16")
     assert err.value.field == "linear_backend"

@@ -89,7 +89,7 @@ class SpeedUps:
     """What :func:`speed_up` did to a loaded model."""
 
     linear_backend: str
-    """"onednn" or "torch": who computes the float32 linear layers."""
+    """"onednn" or "torch": who computes the float32 and bfloat16 linear layers."""
     packed_linears: int
     """Linear layers whose weights oneDNN holds in its blocked layout."""
     greedy_head: ScreenedGreedyHead | None
@@ -121,7 +121,7 @@ def speed_up(
 def linear_backend(
     config: EngineConfig, device: torch.device, dtype: torch.dtype
 ) -> str:
-    """ "onednn" or "torch": who computes the float32 linear layers."""
+    """ "onednn" or "torch": who computes the float32 and bfloat16 linear layers."""
     try:
         return resolve_linear_backend(config.linear_backend, device, dtype)
     except ValueError as exc:

@@ -16,6 +16,11 @@ for every float32 linear layer but lm_head), which ran them 1.1x-1.3x faster
 again on 2 threads; lm_head, whose weight the embedding shares and greedy
 screening reads, keeps the plain layout.
 
+bfloat16 models take the same path where the CPU has bf16 instructions (AVX-512
+BF16 or AMX): bf16 weights and activations, float32 accumulation, one rounding
+of the output to bf16 (:func:`bf16_hardware`); elsewhere oneDNN would emulate
+them, and torch's path is kept.
+
 The results are float32 matrix products summed in another order than MKL's, so
 they differ from ``nn.Linear``'s in the last bits (a 2048-wide product: at most
 3e-4 on outputs of magnitude about 100); ``linear_backend="torch"`` keeps the
@@ -55,46 +60,68 @@ LINEAR_BACKENDS = ("auto", "onednn", "torch")
 PACK_ROWS_HINT = 32
 
 
+# Dtypes the oneDNN path runs, with the tolerance of its check against F.linear
+# (bfloat16: one rounding of a bf16 output of magnitude < 64 is below 0.25).
+_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.25}
+
+
+def bf16_hardware() -> bool:
+    """Whether this CPU computes bfloat16 products natively (AVX-512 BF16 or AMX);
+    elsewhere oneDNN emulates them, slower than float32."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def _check(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, got: torch.Tensor
+) -> bool:
+    ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+    tol = _CHECK_TOLERANCE[x.dtype]
+    return bool(torch.allclose(got.float(), ref, rtol=tol, atol=tol))
+
+
 @functools.cache
-def onednn_available() -> bool:
+def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether ``torch.ops.mkldnn._linear_pointwise`` exists here and computes a
-    float32 linear layer correctly (checked once against ``F.linear``)."""
-    if not torch.backends.mkldnn.is_available():
+    linear layer in ``dtype`` (float32 or bfloat16) correctly (checked once
+    against ``F.linear``)."""
+    if dtype not in _CHECK_TOLERANCE or not torch.backends.mkldnn.is_available():
         return False
     if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
     try:
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(3, 40, generator=g)
-        w = torch.randn(24, 40, generator=g)
-        b = torch.randn(24, generator=g)
+        x = torch.randn(3, 40, generator=g).to(dtype)
+        w = torch.randn(24, 40, generator=g).to(dtype)
+        b = torch.randn(24, generator=g).to(dtype)
         with torch.inference_mode():
             got = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-        return bool(torch.allclose(got, F.linear(x, w, b), rtol=1e-4, atol=1e-4))
+        return _check(x, w, b, got)
     except (RuntimeError, NotImplementedError) as exc:  # a build without the op
-        logger.debug("oneDNN linear unavailable: %s", exc)
+        logger.debug("oneDNN %s linear unavailable: %s", dtype, exc)
         return False
 
 
 @functools.cache
-def packing_available() -> bool:
-    """Whether oneDNN can re-lay a linear weight out for its own kernels here
-    (``torch.ops.mkldnn._reorder_linear_weight``), checked once against
-    ``F.linear``."""
-    if not onednn_available() or not hasattr(
+def packing_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether oneDNN can re-lay a linear weight in ``dtype`` out for its own
+    kernels here (``torch.ops.mkldnn._reorder_linear_weight``), checked once
+    against ``F.linear``."""
+    if not onednn_available(dtype) or not hasattr(
         torch.ops.mkldnn, "_reorder_linear_weight"
     ):
         return False
     try:
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(5, 48, generator=g)
-        w = torch.randn(40, 48, generator=g)
+        x = torch.randn(5, 48, generator=g).to(dtype)
+        w = torch.randn(40, 48, generator=g).to(dtype)
         with torch.inference_mode():
             packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT)
             got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-        return bool(torch.allclose(got, F.linear(x, w), rtol=1e-4, atol=1e-4))
+        return _check(x, w, None, got)
     except (RuntimeError, NotImplementedError) as exc:
-        logger.debug("oneDNN weight packing unavailable: %s", exc)
+        logger.debug("oneDNN %s weight packing unavailable: %s", dtype, exc)
         return False
 
 
@@ -108,31 +135,35 @@ def _packed(weight: torch.Tensor) -> nn.Parameter:
 def resolve_linear_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     """The linear backend ``name`` means for a model on ``device`` in ``dtype``.
 
-    ``"auto"`` takes oneDNN for float32 on an x86-64 CPU where it works, and
-    ``"torch"`` otherwise (CUDA, other dtypes, which PyTorch already sends to
-    oneDNN or cuBLAS, other CPUs, where it is not measured).
+    ``"auto"`` takes oneDNN on an x86-64 CPU where it works, for float32, and for
+    bfloat16 where the CPU has bf16 instructions (AVX-512 BF16 or AMX); and
+    ``"torch"`` otherwise (CUDA, other dtypes, other CPUs, where it is not
+    measured).
 
     Raises:
         ValueError: ``"onednn"`` was asked for where it cannot run.
     """
     if name not in LINEAR_BACKENDS:
         raise ValueError(f"linear_backend={name!r} must be one of {LINEAR_BACKENDS}")
-    fits = device.type == "cpu" and dtype == torch.float32
+    fits = device.type == "cpu" and dtype in _CHECK_TOLERANCE
     if name == "torch":
         return "torch"
     if name == "onednn":
         if not fits:
             raise ValueError(
-                f"linear_backend='onednn' runs float32 on CPU, not {dtype} on {device}"
+                "linear_backend='onednn' runs float32 or bfloat16 on CPU, not "
+                f"{dtype} on {device}"
             )
-        if not onednn_available():
+        if not onednn_available(dtype):
             raise ValueError(
                 "linear_backend='onednn' needs a PyTorch built with oneDNN "
-                "(torch.backends.mkldnn.is_available())"
+                f"(torch.backends.mkldnn.is_available()) that runs {dtype}"
             )
         return "onednn"
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return "onednn" if fits and x86 and onednn_available() else "torch"
+    if dtype == torch.bfloat16 and not bf16_hardware():
+        return "torch"
+    return "onednn" if fits and x86 and onednn_available(dtype) else "torch"
 
 
 def padded_rows(m: int) -> int:
@@ -229,8 +260,6 @@ def pack_onednn_linears(model: nn.Module, exclude: tuple[nn.Module, ...] = ()) -
     Returns:
         How many layers were packed.
     """
-    if not packing_available():
-        return 0
     owners = collections.Counter(
         p.untyped_storage().data_ptr()
         for _, p in model.named_parameters(remove_duplicate=False)
@@ -243,13 +272,16 @@ def pack_onednn_linears(model: nn.Module, exclude: tuple[nn.Module, ...] = ()) -
             continue
         if owners[mod.weight.untyped_storage().data_ptr()] > 1:
             continue  # shared
+        if not packing_available(mod.weight.dtype):
+            continue
         mod.weight = _packed(mod.weight)
         n += 1
     return n
 
 
 def use_onednn_linears(model: nn.Module) -> int:
-    """Switch every float32 CPU ``nn.Linear`` in ``model`` to :class:`OneDNNLinear`.
+    """Switch every float32 or bfloat16 CPU ``nn.Linear`` in ``model`` to
+    :class:`OneDNNLinear`.
 
     In place and reversible (set ``__class__`` back to ``nn.Linear``); parameters,
     buffers, hooks and attributes stay as they are. Layers of other types (int8,
@@ -263,7 +295,7 @@ def use_onednn_linears(model: nn.Module) -> int:
         if (
             type(mod) is nn.Linear
             and mod.weight.device.type == "cpu"
-            and mod.weight.dtype == torch.float32
+            and mod.weight.dtype in _CHECK_TOLERANCE
         ):
             mod.__class__ = OneDNNLinear
             n += 1
