@@ -13,6 +13,7 @@ from llmprod.sampling_params import SEED_RANGE
 
 if TYPE_CHECKING:
     from llmprod.cache.protocol import CacheBackend
+    from llmprod.exec.speculative import SpeculativeConfig
     from llmprod.ops.guards import Guard
     from llmprod.ops.limits import TenantLimits, Throttle
     from llmprod.ops.pricing import PriceTable
@@ -317,6 +318,11 @@ class EngineConfig:
     """Whether special-token text (e.g. ``"<|im_end|>"``) inside chat message
     content may become control tokens. False (default): it is tokenized as plain
     text, so a message cannot close its turn or open another role's."""
+    speculative: SpeculativeConfig | Mapping[str, Any] | None = None
+    """Speculative decoding: None (off), or ``{"method": "ngram",
+    "num_speculative_tokens": 4, ...}`` / a
+    :class:`llmprod.exec.speculative.SpeculativeConfig`
+    (docs/speculative-decoding.md)."""
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     """The paged KV cache."""
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -362,6 +368,11 @@ class EngineConfig:
         _check_int("num_threads", self.num_threads, 1, optional=True)
         _check_bool(
             "allow_special_tokens_in_content", self.allow_special_tokens_in_content
+        )
+        from llmprod.exec.speculative import SpeculativeConfig
+
+        object.__setattr__(
+            self, "speculative", SpeculativeConfig.parse(self.speculative)
         )
         if not isinstance(self.cache_config, CacheConfig):
             raise _fail("cache_config", self.cache_config, "must be a CacheConfig")

@@ -72,6 +72,9 @@ class Completion:
     parsed: Any = None
     """The decoded JSON of a request with ``structured=StructuredOutputs(json=...)``
     (or ``json_object=True``) that finished; None otherwise."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """Engine counters of this request: ``speculative`` (guesses drafted and
+    accepted, acceptance rate, tokens per verification step) when it speculated."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (token-id keys of ``top`` become strings in JSON)."""

@@ -163,7 +163,11 @@ class EngineCore:
 
     def _apply(self, out: SchedulerOutput, result: StepResult, elapsed: float) -> None:
         """The step ran: record it, then hand each request its part."""
-        self.scheduler.update(out)
+        accepted = result.accepted()
+        self.scheduler.update(out, accepted)
+        for i, e in enumerate(out.scheduled):
+            if e.draft:
+                self.metrics.on_speculation(len(e.draft), accepted.get(i, 0))
         self._account(out, elapsed)
         self._process(out, result)
 
@@ -231,15 +235,20 @@ class EngineCore:
             h = self.handles.get(req.request_id)
             if h is None or h.done:  # failed above
                 continue
-            token = sampled.token_ids[row]
-            try:
-                reason = self.output.add_token(h, token, sampled.logprobs[row], now)
-            except Exception as exc:
-                self._fail_request(req, "processing its output", exc)
-                continue
-            if reason is not None:
-                self.scheduler.finish(req, reason)
-                self._end(h, reason, last_token_ids=[token])
+            tokens = result.tokens.get(idx) or [sampled.token_ids[row]]
+            for j, token in enumerate(tokens):
+                lp = sampled.logprobs[row] if j == 0 else None
+                try:
+                    reason = self.output.add_token(h, token, lp, now)
+                except Exception as exc:
+                    self._fail_request(req, "processing its output", exc)
+                    break
+                if reason is not None:
+                    # A stop inside a run of kept guesses ends the request at
+                    # exactly that token; the rest are dropped.
+                    self.scheduler.finish(req, reason)
+                    self._end(h, reason, last_token_ids=[token])
+                    break
 
     # ------------------------------------------------------------------ endings
     def _end(

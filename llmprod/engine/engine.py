@@ -162,8 +162,10 @@ class Engine:
             self.recorder,
             self.answers,
         )
+        scheduler = Scheduler(config.scheduler_config, kv, config.speculative)
+        scheduler.max_model_len = self.max_model_len
         self.core = EngineCore(
-            Scheduler(config.scheduler_config, kv),
+            scheduler,
             kv,
             runner,
             self.output,

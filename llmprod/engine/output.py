@@ -20,7 +20,7 @@ from llmprod.config import EngineConfig
 from llmprod.engine.detokenizer import IncrementalDetokenizer
 from llmprod.errors import GuardBlockedError, RequestFailedError
 from llmprod.ops.guards import apply_guards
-from llmprod.ops.metrics import MetricsRecorder
+from llmprod.ops.metrics import MetricsRecorder, speculation_stats
 from llmprod.ops.signals import logprob_signals
 from llmprod.outputs import Completion, Delta, Timings, TokenLogprob, Usage
 from llmprod.sched.request import Request
@@ -321,6 +321,10 @@ class OutputProcessor:
         )
         if req.flags:
             comp.flags.update(req.flags)
+        if req.spec is not None and req.spec.steps:
+            comp.metrics["speculative"] = speculation_stats(
+                req.spec.steps, req.spec.drafted, req.spec.accepted
+            )
         so = req.params.structured
         if so is not None and req.matcher is not None:
             complete = bool(req.matcher.is_accepting())

@@ -11,6 +11,7 @@ import torch
 from llmprod.config import CacheConfig, parse_bytes
 from llmprod.errors import InvalidConfigError
 from llmprod.exec.sampler import Sampler, SamplerOutput, make_logprob
+from llmprod.exec.speculative import verify_greedy, verify_sampled
 from llmprod.layers.attention import AttentionBackend
 from llmprod.layers.attention.metadata import AttentionMetadata
 from llmprod.layers.screened_head import ScreenedGreedyHead
@@ -32,6 +33,13 @@ class StepResult:
     )
     """(index into ``scheduled``, log-probabilities of the prompt tokens this
     step's chunk predicts); the first chunk starts with None for token 0."""
+    tokens: dict[int, list[int]] = field(default_factory=dict)
+    """Entries (index into ``scheduled``) that carried guesses: the tokens the
+    step yields for them, in order (the kept guesses, then the model's own)."""
+
+    def accepted(self) -> dict[int, int]:
+        """Kept guesses per speculating entry."""
+        return {i: len(toks) - 1 for i, toks in self.tokens.items()}
 
 
 def zeroed_kv_caches(
@@ -132,7 +140,9 @@ class ModelRunner:
         tables: list[list[int]] = []
         for e in entries:
             r = e.request
-            input_ids.extend(r.token_ids[e.start : e.start + e.num_new_tokens])
+            known = e.num_new_tokens - len(e.draft)
+            input_ids.extend(r.token_ids[e.start : e.start + known])
+            input_ids.extend(e.draft)
             starts.append(e.start)
             q_lens.append(e.num_new_tokens)
             seq_lens.append(e.start + e.num_new_tokens)
@@ -179,6 +189,8 @@ class ModelRunner:
         prompt_lps = self._prompt_logprobs(out, hidden, cu)
         if not rows:
             return StepResult(SamplerOutput([], []), [], prompt_lps)
+        if any(out.scheduled[i].draft for i in rows):
+            return self._verify(out, rows, hidden, cu, prompt_lps)
         last = torch.tensor([cu[i + 1] - 1 for i in rows], device=hidden.device)
         sampled_hidden = hidden[last]
         requests = [out.scheduled[i].request for i in rows]
@@ -196,6 +208,71 @@ class ModelRunner:
         logits = self.model.compute_logits(sampled_hidden)
         sampled = self.sampler(logits, requests, self.eos_token_ids)
         return StepResult(sampled, rows, prompt_lps)
+
+    def _verify(
+        self,
+        out: SchedulerOutput,
+        rows: list[int],
+        hidden: torch.Tensor,
+        cu: list[int],
+        prompt_lps: list[tuple[int, list[TokenLogprob | None]]],
+    ) -> StepResult:
+        """A step with guesses: the logits (or argmax) of every guessed position
+        and of the last known one; each speculating entry keeps what its
+        verification accepts, the others sample as usual."""
+        spans = [len(out.scheduled[i].draft) + 1 for i in rows]
+        index = [
+            p for i, n in zip(rows, spans) for p in range(cu[i + 1] - n, cu[i + 1])
+        ]
+        h = hidden[torch.tensor(index, device=hidden.device)]
+        per_pos = [
+            out.scheduled[i].request for i, n in zip(rows, spans) for _ in range(n)
+        ]
+        head = self.greedy_head
+        argmax: list[int] | None = None
+        if (
+            head is not None
+            and len(index) <= head.max_rows
+            and all(map(Sampler.needs_only_argmax, per_pos))
+        ):
+            argmax = head.argmax(h)
+        logits = self.model.compute_logits(h) if argmax is None else None
+        if argmax is None and any(r.params.is_greedy for r in per_pos):
+            assert logits is not None
+            argmax = logits.argmax(dim=-1).tolist()
+        first: list[int] = []
+        lps: list[TokenLogprob | None] = []
+        plain: list[tuple[int, int]] = []  # (row, position) of entries without guesses
+        tokens: dict[int, list[int]] = {}
+        pos = 0
+        for row, (i, n) in enumerate(zip(rows, spans)):
+            e = out.scheduled[i]
+            r = e.request
+            first.append(-1)
+            lps.append(None)
+            if not e.draft:
+                plain.append((row, pos))
+            elif r.params.is_greedy:
+                assert argmax is not None
+                tokens[i] = verify_greedy(argmax[pos : pos + n], e.draft)
+            else:
+                assert logits is not None
+                probs = Sampler.target_probs(logits[pos : pos + n], [r] * n)
+                tokens[i] = verify_sampled(probs, e.draft, self.sampler.generator_of(r))
+            if e.draft:
+                first[row] = tokens[i][0]
+            pos += n
+        if plain:
+            reqs = [out.scheduled[rows[row]].request for row, _ in plain]
+            if logits is None:  # all greedy, screened: the argmax is the token
+                assert argmax is not None
+                got = SamplerOutput([argmax[p] for _, p in plain], [None] * len(plain))
+            else:
+                at = torch.tensor([p for _, p in plain], device=logits.device)
+                got = self.sampler(logits[at], reqs, self.eos_token_ids)
+            for (row, _), tok, lp in zip(plain, got.token_ids, got.logprobs):
+                first[row], lps[row] = tok, lp
+        return StepResult(SamplerOutput(first, lps), rows, prompt_lps, tokens)
 
     def _prompt_logprobs(
         self, out: SchedulerOutput, hidden: torch.Tensor, cu: list[int]

@@ -108,7 +108,10 @@ class Sampler:
                     logits[i, banned] = float("-inf")
         return logits
 
-    def _draw(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    @staticmethod
+    def target_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """The distribution each row draws from: softmax of the logits after
+        temperature, top-k and top-p (greedy rows: temperature 1, unused)."""
         params = [r.params for r in requests]
         temps = torch.tensor(
             [p.temperature if not p.is_greedy else 1.0 for p in params],
@@ -133,12 +136,22 @@ class Sampler:
             drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= top_p[:, None]
             sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(1, order, sorted_p)
+        return probs
+
+    def generator_of(self, request: Request) -> torch.Generator:
+        """Where a request's random draws come from: its own seeded generator,
+        else the engine's shared one."""
+        return self.generator if request.generator is None else request.generator
+
+    def _draw(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        probs = self.target_probs(logits, requests)
         noise = torch.empty_like(probs)
         for i, r in enumerate(requests):
-            gen = self.generator if r.generator is None else r.generator
-            noise[i].exponential_(generator=gen)
+            noise[i].exponential_(generator=self.generator_of(r))
         drawn = (probs / noise).argmax(dim=-1)
-        greedy = torch.tensor([p.is_greedy for p in params], device=logits.device)
+        greedy = torch.tensor(
+            [r.params.is_greedy for r in requests], device=logits.device
+        )
         return torch.where(greedy, logits.argmax(dim=-1), drawn)
 
 

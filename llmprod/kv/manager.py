@@ -141,6 +141,15 @@ class KVCacheManager:
             self.pool.cache_block(request.block_ids[i], request.block_hashes[i], tokens)
         request.num_registered_blocks = max(request.num_registered_blocks, num_full)
 
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Return the blocks past the first ``num_tokens`` positions (tail first):
+        room taken for guesses the model refused. Registered blocks lie wholly
+        before the computed positions and are never trimmed."""
+        keep = max(self.blocks_needed(num_tokens), request.num_registered_blocks)
+        if len(request.block_ids) > keep:
+            self.pool.free(reversed(request.block_ids[keep:]))
+            del request.block_ids[keep:]
+
     def free(self, request: Request) -> None:
         """Return the request's blocks (tail first, so the tail is evicted first).
 

@@ -191,6 +191,7 @@ class MetricsRecorder:
         self.processed = 0
         self.peak_kv_usage = 0.0
         self.slot_waste_at_peak = 0.0
+        self.spec = {"steps": 0, "drafted_tokens": 0, "accepted_tokens": 0}
 
     @property
     def max_tenants(self) -> int:
@@ -283,6 +284,13 @@ class MetricsRecorder:
                 self.peak_kv_usage = kv_usage
                 self.slot_waste_at_peak = slot_waste
 
+    def on_speculation(self, drafted: int, accepted: int) -> None:
+        """Record one request's verification step: guesses made and kept."""
+        with self._lock:
+            self.spec["steps"] += 1
+            self.spec["drafted_tokens"] += drafted
+            self.spec["accepted_tokens"] += accepted
+
     def snapshot(self, **sections: dict[str, Any]) -> MetricsSnapshot:
         """Everything recorded so far, plus the sections the engine adds
         (``kv_cache``, ``scheduler``, ``memory``, ``engine``, ``cache``)."""
@@ -297,6 +305,7 @@ class MetricsRecorder:
                 "padding_waste": self.padded / self.processed
                 if self.processed
                 else 0.0,
+                "speculative": speculation_stats(**self.spec),
             }
             kv = {
                 "peak_usage": self.peak_kv_usage,
@@ -328,6 +337,20 @@ class MetricsRecorder:
         for name, values in sections.items():
             getattr(snap, name).update(values)
         return snap
+
+
+def speculation_stats(
+    steps: int, drafted_tokens: int, accepted_tokens: int
+) -> dict[str, float]:
+    """Speculative decoding's counts and rates: guesses kept per guess made, and
+    tokens yielded per verification step (kept guesses + the model's own)."""
+    return {
+        "steps": steps,
+        "drafted_tokens": drafted_tokens,
+        "accepted_tokens": accepted_tokens,
+        "acceptance_rate": accepted_tokens / drafted_tokens if drafted_tokens else 0.0,
+        "mean_accepted_length": (accepted_tokens + steps) / steps if steps else 0.0,
+    }
 
 
 def _check_max_tenants(value: Any) -> int:

@@ -78,6 +78,8 @@ DEFAULT_COUNTERS: tuple[str, ...] = (
     "tokens.*",
     "scheduler.steps",
     "scheduler.preemptions",
+    "scheduler.speculative.steps",
+    "scheduler.speculative.*_tokens",
     "kv_cache.evictions",
     "cost.total",
     "tenants.*.cost",

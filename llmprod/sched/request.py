@@ -78,6 +78,9 @@ class Request:
     matcher: Any = None
     """A structured request's llguidance matcher (set at admission; the sampler
     reads its mask, the output phase feeds it each token)."""
+    spec: Any = None
+    """Its speculative decoding record (``llmprod.exec.speculative.SpecState``),
+    kept by the scheduler when the engine speculates."""
 
     def __post_init__(self) -> None:
         if not self.token_ids:

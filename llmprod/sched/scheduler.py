@@ -7,9 +7,16 @@ once per step and reads nothing but the :class:`SchedulerOutput` it returns.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from llmprod.config import SchedulerConfig
+from llmprod.exec.speculative import (
+    NgramProposer,
+    SpecState,
+    SpeculativeConfig,
+    eligible,
+)
 from llmprod.kv.manager import KVCacheManager
 from llmprod.sched.fair_queue import FairQueue
 from llmprod.sched.request import Request, RequestStatus
@@ -22,11 +29,15 @@ class ScheduledRequest:
     request: Request
     start: int
     num_new_tokens: int
+    draft: list[int] = field(default_factory=list)
+    """Guessed tokens that follow the last known one (speculative decoding):
+    they are the last ``len(draft)`` of the ``num_new_tokens`` positions."""
     samples: bool = False
     """True when this step reaches the last known token, so a token is sampled."""
 
     def __post_init__(self) -> None:
-        self.samples = self.start + self.num_new_tokens == self.request.num_tokens
+        known = self.num_new_tokens - len(self.draft)
+        self.samples = self.start + known == self.request.num_tokens
 
 
 @dataclass(slots=True)
@@ -112,7 +123,16 @@ class Scheduler:
     request older than ``max_wait_s`` goes before the fair order.
     """
 
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv: KVCacheManager,
+        speculative: SpeculativeConfig | None = None,
+    ) -> None:
+        self.speculative = speculative
+        self.proposer = NgramProposer(speculative) if speculative else None
+        self.max_model_len: int | None = None
+        """Set by the engine: drafts never run past it."""
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.kv = kv
@@ -182,10 +202,16 @@ class Scheduler:
         # prefill chunks. Out of blocks: preempt the newest running request.
         order = [r for r in self.running if not r.is_prefilling]
         order += [r for r in self.running if r.is_prefilling]
+        speculate = (
+            self.proposer is not None
+            and len(self.running) + len(self.waiting) <= self._spec_max_seqs()
+        )
         for req in order:
             if req.status is not RequestStatus.RUNNING or budget == 0:
                 continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            draft = self._draft(req, budget - 1) if speculate and n == 1 else []
+            n += len(draft)
             while not self.kv.allocate_slots(req, n):
                 victim = self.running[-1]
                 if victim is req and len(self.running) == 1:
@@ -202,7 +228,7 @@ class Scheduler:
                 if victim is req:
                     break
             if req.status is RequestStatus.RUNNING:
-                chosen[req] = ScheduledRequest(req, req.num_computed_tokens, n)
+                chosen[req] = ScheduledRequest(req, req.num_computed_tokens, n, draft)
                 budget -= n
 
         # Phase 2 - admit waiting requests while budget, seats and blocks last
@@ -255,12 +281,54 @@ class Scheduler:
             out.processed_elements += longest * (hi - lo)
             out.padded_elements += longest * (hi - lo) - sum(lengths[lo:hi])
 
-    def update(self, out: SchedulerOutput) -> None:
-        """Record that the step ran: advance computed counts, register full blocks."""
-        for e in out.scheduled:
+    def update(
+        self, out: SchedulerOutput, accepted: Mapping[int, int] | None = None
+    ) -> None:
+        """Record that the step ran: advance computed counts, register full blocks.
+
+        ``accepted``: for the entries (by index) that carried guesses, how many
+        the model kept. Only those positions count as computed; the blocks past
+        the next position return to the pool (the refused guesses' KV is
+        overwritten when those positions run again).
+        """
+        for i, e in enumerate(out.scheduled):
             req = e.request
-            req.num_computed_tokens = e.start + e.num_new_tokens
+            if e.draft:
+                kept = (accepted or {}).get(i, 0)
+                req.num_computed_tokens = e.start + e.num_new_tokens - len(e.draft)
+                req.num_computed_tokens += kept
+                self.kv.trim(req, req.num_computed_tokens + 1)
+                assert self.speculative is not None and req.spec is not None
+                req.spec.record(len(e.draft), kept, self.speculative)
+            else:
+                req.num_computed_tokens = e.start + e.num_new_tokens
             self.kv.cache_full_blocks(req)
+
+    # --- speculative decoding ---------------------------------------------------
+    def _spec_max_seqs(self) -> int:
+        return self.speculative.max_num_seqs if self.speculative else 0
+
+    def _draft(self, req: Request, budget: int) -> list[int]:
+        """Guesses for a decoding request's next tokens (none when it may not
+        speculate now, or the proposer finds nothing)."""
+        cfg = self.speculative
+        if cfg is None or self.proposer is None or budget <= 0 or not eligible(req):
+            return []
+        if req.spec is None:
+            req.spec = SpecState()
+        state: SpecState = req.spec
+        state.seen_steps += 1
+        if state.seen_steps < state.paused_until:
+            return []
+        # Never guess past max_tokens or the model's length: the last kept token
+        # would end the request anyway.
+        room = req.params.max_tokens - req.num_output_tokens - 1
+        if self.max_model_len is not None:
+            room = min(room, self.max_model_len - req.num_tokens - 1)
+        k = min(cfg.num_speculative_tokens, room, budget)
+        if k <= 0:
+            return []
+        return self.proposer.propose(req.token_ids, k)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
