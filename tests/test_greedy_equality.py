@@ -101,3 +101,20 @@ def test_greedy_equal_with_each_linear_backend(
     assert alt.linear_backend == other
     outs = alt.generate(prompt_ids, SamplingParams(max_tokens=MAX_NEW, temperature=0))
     check_against_reference(outs, references)
+
+
+@pytest.mark.slow
+def test_greedy_equal_with_speculative_decoding(
+    make_engine: Any, prompt_ids: list[list[int]], references: list[Any]
+) -> None:
+    """n-gram speculation in a mixed batch (speculating in every step here, not
+    only in small ones) and alone: the same tokens as transformers."""
+    spec = make_engine(
+        dtype="float32", speculative={"num_speculative_tokens": 4, "max_num_seqs": 64}
+    )
+    p = SamplingParams(max_tokens=MAX_NEW, temperature=0)
+    check_against_reference(spec.generate(prompt_ids, p), references)
+    alone = [spec.generate(ids, p)[0] for ids in prompt_ids[::3]]
+    check_against_reference(alone, references[::3])
+    stats = spec.metrics().scheduler["speculative"]
+    assert stats["steps"] > 0 and stats["accepted_tokens"] > 0, stats
