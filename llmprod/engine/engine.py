@@ -32,6 +32,7 @@ from llmprod.engine.output import Handle, OutputProcessor
 from llmprod.errors import EngineClosedError, UnsupportedModelError
 from llmprod.exec.memory import release_freed_memory
 from llmprod.exec.runner import ModelRunner
+from llmprod.exec.speculative import SpeculativeConfig
 from llmprod.exec.threads import run_in_own_thread
 from llmprod.kv.manager import KVCacheManager
 from llmprod.layers.attention import get_attention_backend
@@ -162,7 +163,9 @@ class Engine:
             self.recorder,
             self.answers,
         )
-        scheduler = Scheduler(config.scheduler_config, kv, config.speculative)
+        scheduler = Scheduler(
+            config.scheduler_config, kv, SpeculativeConfig.parse(config.speculative)
+        )
         scheduler.max_model_len = self.max_model_len
         self.core = EngineCore(
             scheduler,

@@ -127,7 +127,7 @@ class MetricsSnapshot:
     """num_blocks, block_size, usage, peak_usage, slot_waste_at_peak (allocated but
     unused slots of running requests when usage peaked), prefix_hit_rate,
     cached_blocks, evictions."""
-    scheduler: dict[str, float] = field(default_factory=dict)
+    scheduler: dict[str, Any] = field(default_factory=dict)
     """steps, preemptions, padding_waste (padded / processed decode-attention keys)."""
     memory: dict[str, int] = field(default_factory=dict)
     """now and peak bytes (CUDA allocator on GPU, process RSS on CPU)."""
