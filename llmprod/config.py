@@ -13,10 +13,10 @@ from llmprod.sampling_params import SEED_RANGE
 
 if TYPE_CHECKING:
     from llmprod.cache.protocol import CacheBackend
-    from llmprod.exec.speculative import SpeculativeConfig
     from llmprod.ops.guards import Guard
     from llmprod.ops.limits import TenantLimits, Throttle
     from llmprod.ops.pricing import PriceTable
+    from llmprod.sched.speculative import SpeculativeConfig
 
 _UNITS = {
     "": 1,
@@ -321,7 +321,7 @@ class EngineConfig:
     speculative: SpeculativeConfig | Mapping[str, Any] | None = None
     """Speculative decoding: None (off), or ``{"method": "ngram",
     "num_speculative_tokens": 4, ...}`` / a
-    :class:`llmprod.exec.speculative.SpeculativeConfig`
+    :class:`llmprod.sched.speculative.SpeculativeConfig`
     (docs/speculative-decoding.md)."""
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     """The paged KV cache."""
@@ -369,7 +369,7 @@ class EngineConfig:
         _check_bool(
             "allow_special_tokens_in_content", self.allow_special_tokens_in_content
         )
-        from llmprod.exec.speculative import SpeculativeConfig
+        from llmprod.sched.speculative import SpeculativeConfig
 
         object.__setattr__(
             self, "speculative", SpeculativeConfig.parse(self.speculative)

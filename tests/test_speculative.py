@@ -13,12 +13,8 @@ import torch
 
 from llmprod import Engine, SamplingParams
 from llmprod.errors import InvalidConfigError
-from llmprod.exec.speculative import (
-    NgramProposer,
-    SpeculativeConfig,
-    verify_greedy,
-    verify_sampled,
-)
+from llmprod.exec.speculative import verify_greedy, verify_sampled
+from llmprod.sched.speculative import NgramProposer, SpecState, SpeculativeConfig
 from tests.helpers import assert_pool_whole
 
 TEXT = (
@@ -151,8 +147,6 @@ def test_large_steps_do_not_speculate(spec_engine: Engine) -> None:
 
 def test_a_request_whose_guesses_fail_stops_drafting_for_a_while() -> None:
     cfg = SpeculativeConfig(window=8, min_acceptance=0.5, backoff_steps=5)
-    from llmprod.exec.speculative import SpecState
-
     s = SpecState()
     for _ in range(2):
         s.seen_steps += 1

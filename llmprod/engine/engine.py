@@ -32,7 +32,6 @@ from llmprod.engine.output import Handle, OutputProcessor
 from llmprod.errors import EngineClosedError, UnsupportedModelError
 from llmprod.exec.memory import release_freed_memory
 from llmprod.exec.runner import ModelRunner
-from llmprod.exec.speculative import SpeculativeConfig
 from llmprod.exec.threads import run_in_own_thread
 from llmprod.kv.manager import KVCacheManager
 from llmprod.layers.attention import get_attention_backend
@@ -47,6 +46,7 @@ from llmprod.quant.footprint import weight_bytes_by_format
 from llmprod.sampling_params import SamplingParams
 from llmprod.sched.request import Request
 from llmprod.sched.scheduler import Scheduler
+from llmprod.sched.speculative import SpeculativeConfig
 from llmprod.structured.backend import GrammarBackend
 
 if TYPE_CHECKING:

@@ -79,7 +79,7 @@ class Request:
     """A structured request's llguidance matcher (set at admission; the sampler
     reads its mask, the output phase feeds it each token)."""
     spec: Any = None
-    """Its speculative decoding record (``llmprod.exec.speculative.SpecState``),
+    """Its speculative decoding record (``llmprod.sched.speculative.SpecState``),
     kept by the scheduler when the engine speculates."""
 
     def __post_init__(self) -> None:

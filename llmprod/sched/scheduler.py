@@ -11,15 +11,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from llmprod.config import SchedulerConfig
-from llmprod.exec.speculative import (
+from llmprod.kv.manager import KVCacheManager
+from llmprod.sched.fair_queue import FairQueue
+from llmprod.sched.request import Request, RequestStatus
+from llmprod.sched.speculative import (
     NgramProposer,
     SpecState,
     SpeculativeConfig,
     eligible,
 )
-from llmprod.kv.manager import KVCacheManager
-from llmprod.sched.fair_queue import FairQueue
-from llmprod.sched.request import Request, RequestStatus
 
 
 @dataclass(slots=True)
