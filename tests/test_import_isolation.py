@@ -1,0 +1,43 @@
+"""``import llmprod`` (and its public names) never imports the integrations' host
+packages: they are optional extras, heavy to import, and may be absent."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+HOSTS = ("langchain_core", "llama_index", "lm_eval")
+
+
+def test_importing_llmprod_imports_no_integration_host() -> None:
+    code = (
+        "import sys, llmprod\n"
+        "from llmprod import Engine, SamplingParams, Router\n"
+        "import llmprod.integrations\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HOSTS!r}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_missing_host_package_names_the_extra_to_install() -> None:
+    # A meta-path finder that refuses langchain_core stands in for an
+    # environment without the extra.
+    code = (
+        "import sys\n"
+        "class Refuse:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'langchain_core':\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Refuse())\n"
+        "try:\n"
+        "    import llmprod.integrations.langchain\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert "pip install 'llmprod[langchain]'" in out.stdout
