@@ -1,0 +1,341 @@
+"""lm-evaluation-harness model on an llmprod :class:`~llmprod.Engine`: ``LLMProdLM``,
+registered as ``"llmprod"``.
+
+>>> import lm_eval  # doctest: +SKIP
+>>> from llmprod.integrations.lm_eval import LLMProdLM  # doctest: +SKIP
+>>> lm_eval.simple_evaluate(model=LLMProdLM(pretrained="smollm2-135m"),
+...                         tasks=["lambada_openai"])  # doctest: +SKIP
+
+From the command line (lm-eval 0.4.x reads no entry points for models, so this
+module registers the class and hands the rest of the arguments to lm-eval's own
+CLI; ``--model llmprod`` is implied)::
+
+    python -m llmprod.integrations.lm_eval \\
+        --model_args pretrained=smollm2-135m,dtype=float32 --tasks lambada_openai
+
+Requests are tokenized exactly as lm-eval's ``hf`` backend tokenizes them (the
+same ``TemplateLM`` pair encoding, BOS rules and prefix token), so the two
+backends score the same tokens. Loglikelihoods come from the engine's
+``prompt_logprobs``: each batch of requests is submitted at once, and the engine
+packs them into flat token batches without padding. ``generate_until`` runs the
+engine's generation with the request's stop strings and the ``hf`` backend's
+post-processing (stop at the first stop string, EOS included).
+
+Needs ``pip install 'llmprod[eval]'``.
+"""
+
+# ruff: noqa: E402
+from __future__ import annotations
+
+from llmprod.integrations import require
+
+require("lm_eval", "eval")
+
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from tqdm.auto import tqdm
+
+from llmprod.outputs import Completion
+from llmprod.sampling_params import SamplingParams
+
+logger = logging.getLogger("llmprod")
+
+# A loglikelihood request: ((context, continuation) or None, context ids, cont ids).
+TokenRequest = tuple[Any, list[int], list[int]]
+
+DEFAULT_MAX_GEN_TOKS = 256
+"""What a generate_until request without ``max_gen_toks`` gets (as ``hf``)."""
+
+
+@register_model("llmprod")
+class LLMProdLM(TemplateLM):
+    """lm-eval's model interface over an in-process llmprod Engine.
+
+    Args:
+        pretrained: model name, transformers folder or GGUF file for
+            :meth:`Engine.from_pretrained` (ignored when ``engine`` is given).
+        engine: an existing Engine to evaluate (shared, not closed here).
+        batch_size: requests submitted to the engine at once (an int, or
+            ``"auto"`` for 256); the engine schedules them in token batches.
+        max_length: longest scored window in tokens (default: the engine's
+            ``max_model_len`` less two: the window plus the one generated token).
+        max_gen_toks: default ``max_gen_toks`` of generate_until requests.
+        add_bos_token: as the ``hf`` backend (None: the tokenizer's default).
+        prefix_token_id: the token an empty context is scored after (default:
+            BOS, else EOS, as ``hf``).
+        device: ``"cpu"``, ``"cuda"``... (default: the engine's choice). A CUDA
+            device on a machine without CUDA (lm-eval's CLI passes ``cuda:0`` by
+            default) falls back to the engine's choice, as ``hf`` falls back.
+        **engine_kwargs: further :meth:`Engine.from_pretrained` options, e.g.
+            ``dtype="float32"``, ``quantization="int8"``. lm-eval's own
+            options that do not apply to this backend (``max_batch_size``) are
+            accepted and ignored.
+    """
+
+    def __init__(
+        self,
+        pretrained: str = "smollm2-135m",
+        engine: Any = None,
+        batch_size: int | str | None = 256,
+        max_length: int | None = None,
+        max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+        add_bos_token: bool | None = None,
+        prefix_token_id: int | None = None,
+        device: str | None = None,
+        **engine_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        engine_kwargs.pop("max_batch_size", None)
+        self._owns_engine = engine is None
+        if engine is None:
+            from llmprod import Engine
+
+            if device is not None and _device_available(device):
+                engine_kwargs["device"] = device
+            engine = Engine.from_pretrained(pretrained, **engine_kwargs)
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self._batch_size = _parse_batch_size(batch_size)
+        self._max_length = max_length or int(engine.max_model_len) - 2
+        self._max_gen_toks = int(max_gen_toks)
+        self.add_bos_token = add_bos_token
+        self.custom_prefix_token_id = prefix_token_id
+
+    def close(self) -> None:
+        """Close the engine if this model built it."""
+        if self._owns_engine:
+            self.engine.close()
+
+    # ------------------------------------------------------------------ tokens
+    @property
+    def eot_token_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    @property
+    def prefix_token_id(self) -> int:
+        if self.custom_prefix_token_id is not None:
+            return int(self.custom_prefix_token_id)
+        if self.tokenizer.bos_token_id is not None:
+            return int(self.tokenizer.bos_token_id)
+        return self.eot_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", "")).replace("/", "__")
+
+    def tok_encode(
+        self,
+        string: str,
+        add_special_tokens: bool | None = None,
+        left_truncate_len: int | None = None,
+        **kwargs: Any,
+    ) -> list[int]:
+        """Token ids of ``string``, with the ``hf`` backend's BOS rules."""
+        special: dict[str, bool] = {}
+        if add_special_tokens is not None:
+            special["add_special_tokens"] = add_special_tokens
+        elif self.add_bos_token is not None:
+            special["add_special_tokens"] = self.add_bos_token
+        if add_special_tokens is None and string.startswith(
+            self.tokenizer.decode(self.prefix_token_id)
+        ):
+            special["add_special_tokens"] = False
+        ids = list(self.tokenizer.encode(string, **special))
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def _context_ids(self, context: str, max_len: int) -> list[int]:
+        """A generation context's ids as ``hf``'s batch encoding makes them."""
+        special: dict[str, bool] = {}
+        bos = getattr(self.tokenizer, "bos_token", None)
+        if bos and context.startswith(bos):
+            special["add_special_tokens"] = False
+        elif self.add_bos_token is not None:
+            special["add_special_tokens"] = self.add_bos_token
+        ids = list(self.tokenizer(context, **special)["input_ids"])
+        return ids[-max_len:]
+
+    # -------------------------------------------------------------- scoring
+    def _loglikelihood_tokens(
+        self,
+        requests: list[TokenRequest],
+        disable_tqdm: bool = False,
+        **kwargs: Any,
+    ) -> list[tuple[float, bool]]:
+        """Sum of the continuation's log-probabilities and whether it is the
+        greedy continuation, for each request, in order.
+
+        The window is the last ``max_length + 1`` tokens of context and
+        continuation (its first token is context only), as ``hf`` scores it.
+        """
+        windows = [
+            tuple((ctx + cont)[-(self._max_length + 1) :]) for _, ctx, cont in requests
+        ]
+        unique = list(dict.fromkeys(windows))  # equal windows are scored once
+        params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1)
+        scored: dict[tuple[int, ...], Completion] = {}
+        bar = tqdm(
+            total=len(unique), desc="llmprod loglikelihood", disable=disable_tqdm
+        )
+        for start in range(0, len(unique), self._batch_size):
+            batch = unique[start : start + self._batch_size]
+            outs = self.engine.generate([list(w) for w in batch], params)
+            scored.update(zip(batch, outs))
+            bar.update(len(batch))
+        bar.close()
+
+        results: list[tuple[float, bool]] = []
+        for (key, _, cont), window in zip(requests, windows):
+            lps = scored[window].prompt_logprobs
+            assert lps is not None
+            tail = lps[-len(cont) :]
+            total = 0.0
+            is_greedy = True
+            for lp in tail:
+                assert lp is not None
+                total += lp.logprob
+                is_greedy = is_greedy and max(lp.top, key=lp.top.__getitem__) == (
+                    lp.token_id
+                )
+            answer = (total, is_greedy)
+            results.append(answer)
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, answer)
+        return results
+
+    def loglikelihood_rolling(
+        self, requests: list[Any], disable_tqdm: bool = False
+    ) -> list[float]:
+        """Loglikelihood of each whole string, in disjoint windows of
+        ``max_length`` tokens (the first one after the prefix token), as ``hf``."""
+        windows: list[TokenRequest] = []
+        counts: list[int] = []
+        for (string,) in (req.args for req in requests):
+            rolling = [
+                lm_utils.make_disjoint_window(w)
+                for w in lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(string),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self._max_length,
+                    context_len=1,
+                )
+            ]
+            windows.extend((None, ctx, cont) for ctx, cont in rolling)
+            counts.append(len(rolling))
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        results: list[float] = []
+        start = 0
+        for req, n in zip(requests, counts):
+            total = sum(s for s, _ in scores[start : start + n])
+            start += n
+            results.append(total)
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return results
+
+    # ------------------------------------------------------------ generation
+    def generate_until(
+        self, requests: list[Any], disable_tqdm: bool = False
+    ) -> list[str]:
+        """Generate for each request until one of its stop strings (or EOS) or
+        ``max_gen_toks``; the text before the first stop string, as ``hf``."""
+        eos = self.tokenizer.decode([self.eot_token_id], skip_special_tokens=False)
+        prompts: list[list[int]] = []
+        params: list[SamplingParams] = []
+        stops: list[list[str]] = []
+        for context, gen_kwargs in (req.args for req in requests):
+            p, until = self._gen_params(dict(gen_kwargs), eos)
+            prompts.append(self._context_ids(context, self._max_length - p.max_tokens))
+            params.append(p)
+            stops.append(until)
+        results: list[str] = []
+        bar = tqdm(total=len(requests), desc="llmprod generate", disable=disable_tqdm)
+        for start in range(0, len(prompts), self._batch_size):
+            end = start + self._batch_size
+            outs = self.engine.generate(prompts[start:end], params[start:end])
+            for req, out, until in zip(requests[start:end], outs, stops[start:end]):
+                text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+                for term in until:
+                    if term:
+                        text = text.split(term)[0]
+                results.append(text)
+                self.cache_hook.add_partial("generate_until", req.args, text)
+            bar.update(len(outs))
+        bar.close()
+        return results
+
+    def _gen_params(
+        self, kwargs: dict[str, Any], eos: str
+    ) -> tuple[SamplingParams, list[str]]:
+        """SamplingParams for one request's lm-eval generation kwargs, and its
+        stop strings (EOS's text added, as ``hf`` adds it)."""
+        until = kwargs.pop("until", None)
+        until = [until] if isinstance(until, str) else list(until or [])
+        if eos and eos not in until:
+            until.append(eos)
+        max_tokens = self._max_gen_toks
+        for name in ("max_gen_toks", "max_new_tokens", "max_tokens"):
+            if kwargs.get(name) is not None:
+                max_tokens = int(kwargs[name])
+                break
+        temperature = float(kwargs.get("temperature", 0.0) or 0.0)
+        if not kwargs.get("do_sample", temperature > 0):
+            temperature = 0.0
+        fields: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature}
+        if temperature > 0:
+            for name in ("top_p", "top_k", "seed"):
+                if kwargs.get(name) is not None:
+                    fields[name] = kwargs[name]
+        # The engine ends on EOS itself; a special token's text never shows in
+        # the decoded output, so only the other strings are stop strings there.
+        fields["stop"] = tuple(s for s in until if s and s != eos)
+        return SamplingParams(**fields), until
+
+
+def _device_available(device: str) -> bool:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("device=%r asked for but CUDA is not available", device)
+        return False
+    return True
+
+
+def _parse_batch_size(value: int | str | None) -> int:
+    if value is None or value == "auto" or str(value).startswith("auto"):
+        return 256
+    size = int(value)
+    if size < 1:
+        raise ValueError(f"batch_size={value!r} must be >= 1 or 'auto'")
+    return size
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """lm-eval's CLI with ``llmprod`` registered (``--model llmprod`` implied)."""
+    from lm_eval.__main__ import cli_evaluate
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not any(a == "--model" or a.startswith("--model=") for a in args):
+        args = ["--model", "llmprod", *args]
+    sys.argv = [sys.argv[0], *args]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
