@@ -268,8 +268,8 @@ def _peers(res: dict[str, Any]) -> list[str]:
         f"median of {b1['repeats']}. Peak RSS: the whole process tree.",
         "",
         "| system | total tok/s | batch-1 decode tok/s | TTFT p50 / p99 s "
-        "| load s | peak RSS |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| load s | peak RSS | llmprod:fp32's greedy tokens |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     by = {r["system"]: r for r in runs if "error" not in r}
     for r in runs:
@@ -280,10 +280,12 @@ def _peers(res: dict[str, Any]) -> list[str]:
             continue
         t = r.get("ttft_s")
         ttft = f"{t['p50']:.2f} / {t['p99']:.2f}" if t else NA
+        st = r.get("same_tokens_as_reference")
+        same = f"{st[0]} of {st[1]} requests" if st else NA
         out.append(
             f"| {r['system']} | {r['total_tok_s']:.0f} "
             f"| {r['batch1']['decode_tok_s']:.1f} | {ttft} | {r['load_s']:.1f} "
-            f"| {_gib(r['peak_rss_bytes'])} |"
+            f"| {_gib(r['peak_rss_bytes'])} | {same} |"
         )
     rows = []
     for ours, theirs, what, target in PEER_TARGETS:

@@ -12,7 +12,7 @@ import ctypes
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,9 @@ class Loaded:
     one: Callable[[list[int], int], None]
     close: Callable[[], None] = lambda: None
     extra: dict[str, Any] | None = None
+    tokens: dict[int, list[int]] = field(default_factory=dict)
+    """The generated tokens of the latest ``run``, by request index (to check
+    that the systems decode the same greedy tokens)."""
 
 
 def load_llmprod(variant: str, model_path: str, threads: int) -> Loaded:
@@ -62,6 +65,7 @@ def load_llmprod(variant: str, model_path: str, threads: int) -> Loaded:
             [r.prompt_token_ids for r in reqs], [params(r.max_tokens) for r in reqs]
         )
         wall = time.perf_counter() - t0
+        loaded.tokens = {r.index: list(c.token_ids) for r, c in zip(reqs, comps)}
         return wall, [
             RequestRecord(
                 r.index,
@@ -80,7 +84,8 @@ def load_llmprod(variant: str, model_path: str, threads: int) -> Loaded:
         "torch": torch.__version__,
         "weights_bytes": engine.metrics().engine.get("weights_bytes"),
     }
-    return Loaded(run, one, engine.close, extra)
+    loaded = Loaded(run, one, engine.close, extra)
+    return loaded
 
 
 def _gguf_variant(variant: str, model_path: str) -> Path:
@@ -160,13 +165,14 @@ def load_llamacpp(
         decoding sequence, then prompt chunks of waiting ones up to ``n_batch``."""
         waiting = list(reqs)
         free_slots = list(range(parallel))
-        # slot -> [request, tokens fed so far, generated, next token, first token time]
+        # slot -> [request, tokens fed, generated, next token, first token time,
+        #          the generated tokens]
         active: dict[int, list[Any]] = {}
         records: dict[int, RequestRecord] = {}
         t0 = time.perf_counter()
         while waiting or active:
             while waiting and free_slots:
-                active[free_slots.pop(0)] = [waiting.pop(0), 0, 0, None, None]
+                active[free_slots.pop(0)] = [waiting.pop(0), 0, 0, None, None, []]
             n = 0
             wants: list[tuple[int, int]] = []  # (batch index, slot)
             for slot, st in active.items():  # decoding sequences first
@@ -203,6 +209,7 @@ def load_llamacpp(
             for i, slot in wants:
                 st = active[slot]
                 st[3] = argmax(i)
+                st[5].append(st[3])
                 st[2] += 1
                 if st[4] is None:
                     st[4] = now
@@ -211,6 +218,7 @@ def load_llamacpp(
                     records[r.index] = RequestRecord(
                         r.index, len(r.prompt_token_ids), st[2], st[4] - t0, now - t0
                     )
+                    loaded.tokens[r.index] = st[5]
                     llama_cpp.llama_memory_seq_rm(mem, slot, -1, -1)
                     del active[slot]
                     free_slots.append(slot)
@@ -243,7 +251,8 @@ def load_llamacpp(
         "n_batch": n_batch,
         "kv_unified": cparams.kv_unified,
     }
-    return Loaded(run, one, close, extra)
+    loaded = Loaded(run, one, close, extra)
+    return loaded
 
 
 def _ct2_model(compute_type: str, model_path: str) -> Path:
@@ -281,19 +290,28 @@ def load_ctranslate2(
     size = int(opts.get("batch_size", CT2_BATCH))
 
     def batch_run(reqs: list[BenchRequest], t0: float) -> dict[int, RequestRecord]:
-        steps = max(r.max_tokens for r in reqs)
+        # With the prompt in the result (the fast path: without it CTranslate2
+        # 4.8 feeds a batch's longer prompts one token per step), max_length
+        # counts the prompt: a row generates max_length - prompt tokens (one more
+        # when the prompt does not start with the BOS token).
+        length = max(len(r.prompt_token_ids) + r.max_tokens for r in reqs)
         res = gen.generate_batch(
             [tok.convert_ids_to_tokens(r.prompt_token_ids) for r in reqs],
-            max_length=steps,
-            min_length=steps,
+            max_length=length,
+            min_length=length,
             sampling_topk=1,
-            include_prompt_in_result=False,
+            include_prompt_in_result=True,
         )
         end = time.perf_counter()
         out = {}
         for r, x in zip(reqs, res):
-            if len(x.sequences_ids[0]) < r.max_tokens:
+            seq, prompt = x.sequences_ids[0], list(r.prompt_token_ids)
+            # A leading BOS is the decoder's start token: not in the result.
+            skip = len(prompt) if seq[: len(prompt)] == prompt else len(prompt) - 1
+            got = seq[skip:]
+            if len(got) < r.max_tokens:
                 raise RuntimeError("CTranslate2 generated fewer tokens than asked")
+            loaded.tokens[r.index] = list(got[: r.max_tokens])
             out[r.index] = RequestRecord(
                 r.index, len(r.prompt_token_ids), r.max_tokens, None, end - t0
             )
@@ -326,7 +344,8 @@ def load_ctranslate2(
         "batch_size": size,
         "model_dir": str(path),
     }
-    return Loaded(run, one, lambda: None, extra)
+    loaded = Loaded(run, one, lambda: None, extra)
+    return loaded
 
 
 def load_vllm(
@@ -359,6 +378,7 @@ def load_vllm(
         recs = []
         for r, o in zip(reqs, outs):
             got = len(o.outputs[0].token_ids)
+            loaded.tokens[r.index] = list(o.outputs[0].token_ids)
             recs.append(
                 RequestRecord(r.index, len(r.prompt_token_ids), got, None, wall)
             )
@@ -371,7 +391,8 @@ def load_vllm(
         "vllm": vllm.__version__,
         "e2e_note": "end-to-end latency is the batch's wall time",
     }
-    return Loaded(run, one, lambda: None, extra)
+    loaded = Loaded(run, one, lambda: None, extra)
+    return loaded
 
 
 LOADERS: dict[str, Callable[..., Loaded]] = {

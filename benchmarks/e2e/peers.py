@@ -168,6 +168,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             sys_.run(warm.requests)
             warmup_s = time.perf_counter() - t
             wall, records = sys_.run(wl.requests)
+            tokens = dict(sys_.tokens)
             batch1 = _batch1(
                 sys_, args.batch1_prompt, args.batch1_tokens, args.batch1_repeats
             )
@@ -180,6 +181,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     run.extra["tree_rss_peak_bytes"] = rss["peak"]
     run.extra["batch1"] = batch1
     run.extra["per_request_latency"] = name in PER_REQUEST_LATENCY
+    run.extra["tokens"] = {str(k): v for k, v in tokens.items()}
     return run.to_dict()
 
 
@@ -257,7 +259,8 @@ def run_system(
     s["per_request_latency"] = extra.get("per_request_latency", False)
     if not s["per_request_latency"]:
         s["ttft_s"] = s["e2e_s"] = None
-    s["details"] = {k: v for k, v in extra.items() if k not in ("batch1",)}
+    s["tokens"] = extra.get("tokens") or {}
+    s["details"] = {k: v for k, v in extra.items() if k not in ("batch1", "tokens")}
     s["process_s"] = time.perf_counter() - t
     _log(
         f"{spec}: load {s['load_s']:.1f}s, {s['total_tok_s']:.0f} total tok/s, "
@@ -265,6 +268,19 @@ def run_system(
         f"peak RSS {s['peak_rss_bytes'] / 2**30:.2f} GiB"
     )
     return s
+
+
+def same_tokens(runs: list[dict[str, Any]], ref: str = "llmprod:fp32") -> None:
+    """Set each run's ``same_tokens_as_reference``: of its requests, how many
+    decoded exactly ``ref``'s greedy tokens (the tokens are then dropped)."""
+    base = next((r.get("tokens") for r in runs if r["system"] == ref), None)
+    for r in runs:
+        toks = r.pop("tokens", None)
+        if base and toks is not None and "error" not in r:
+            r["same_tokens_as_reference"] = [
+                sum(toks.get(k) == v for k, v in base.items()),
+                len(base),
+            ]
 
 
 def ratios(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -398,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         wl.to_json(ctx["wl_path"])
         warm.to_json(ctx["warm_path"])
         runs = [run_system(s, args, ctx) for s in systems]
+    same_tokens(runs)
     results["runs"] = runs
     results["ratios"] = ratios(runs)
     print(
