@@ -38,7 +38,13 @@ def llmprod_lm(engine: Engine) -> LLMProdLM:
     return LLMProdLM(engine=engine)
 
 
-def evaluate(lm: Any, limit: int | None) -> dict[str, Any]:
+@pytest.fixture(scope="module")
+def tasks() -> TaskManager:
+    # Built once: it indexes every task lm-eval ships, which takes seconds.
+    return TaskManager(include_path=str(ROOT / "tests/data/lm_eval"))
+
+
+def evaluate(lm: Any, tasks: TaskManager, limit: int | None) -> dict[str, Any]:
     """lm-eval's simple_evaluate on the local tasks (their data paths are
     relative to the repository root)."""
     with pytest.MonkeyPatch.context() as mp:
@@ -46,7 +52,7 @@ def evaluate(lm: Any, limit: int | None) -> dict[str, Any]:
         out = lm_eval.simple_evaluate(
             model=lm,
             tasks=TASKS,
-            task_manager=TaskManager(include_path=str(ROOT / "tests/data/lm_eval")),
+            task_manager=tasks,
             limit=limit,
             log_samples=True,
             bootstrap_iters=0,
@@ -78,17 +84,17 @@ def assert_same_results(hf: dict[str, Any], ours: dict[str, Any]) -> None:
 
 
 def test_first_documents_score_as_the_hf_backend(
-    hf_lm: HFLM, llmprod_lm: LLMProdLM
+    hf_lm: HFLM, llmprod_lm: LLMProdLM, tasks: TaskManager
 ) -> None:
     # 12 questions (48 loglikelihoods) and 12 generations.
-    assert_same_results(evaluate(hf_lm, 12), evaluate(llmprod_lm, 12))
+    assert_same_results(evaluate(hf_lm, tasks, 12), evaluate(llmprod_lm, tasks, 12))
 
 
 @pytest.mark.slow
 def test_whole_tasks_score_as_the_hf_backend(
-    hf_lm: HFLM, llmprod_lm: LLMProdLM
+    hf_lm: HFLM, llmprod_lm: LLMProdLM, tasks: TaskManager
 ) -> None:
-    hf, ours = evaluate(hf_lm, None), evaluate(llmprod_lm, None)
+    hf, ours = evaluate(hf_lm, tasks, None), evaluate(llmprod_lm, tasks, None)
     assert_same_results(hf, ours)
     # The model knows some of it: the comparison is not between two zeros.
     assert ours["results"]["llmprod_mc"]["acc,none"] > 0.3
