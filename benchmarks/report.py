@@ -265,7 +265,8 @@ def _peers(res: dict[str, Any]) -> list[str]:
     out += [
         f"Batch-1 decode: one chat prompt of {b1['prompt_tokens']} tokens alone, "
         f"(N - 1) / (T(N) - T(1)) with N = {b1['new_tokens']}, so prefill drops out; "
-        f"median of {b1['repeats']}. Peak RSS: the whole process tree.",
+        f"median of {b1['repeats']}. Peak RSS: the process's own, and vLLM's whole "
+        "process tree (it serves from a second process).",
         "",
         "| system | total tok/s | batch-1 decode tok/s | TTFT p50 / p99 s "
         "| load s | peak RSS | llmprod:fp32's greedy tokens |",
@@ -318,6 +319,9 @@ def render_section(res: dict[str, Any], source: str | None, note: str | None) ->
             f" {res.get('cpu', 'CPU unknown')}, {res['threads']} threads each.",
             f"- Command: `{res['command']}`",
         ]
+        if res.get("merged_from"):
+            m = res["merged_from"]
+            lines.append(f"- The other systems' runs: {m['date']}, `{m['command']}`.")
     else:
         lines += _machine_lines(res)
     if source:

@@ -66,6 +66,11 @@ class SamplingParams:
     """Return the sampled token's log-probability and this many top alternatives."""
     prompt_logprobs: int | None = None
     """Return each prompt token's log-probability given the ones before it."""
+    prompt_logprobs_start: int = 0
+    """With ``prompt_logprobs``: only the prompt tokens from this index on get a
+    log-probability (the entries before it are None). The prompt before it may
+    then come from the prefix cache, as when scoring several continuations of
+    one context (``llmprod.integrations.lm_eval``)."""
     repetition_penalty: float = 1.0
     """> 1 discourages tokens already in the prompt or output (CTRL-style)."""
     include_stop_str_in_output: bool = False
@@ -140,6 +145,9 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or not 0 <= v <= MAX_LOGPROBS):
                 raise _fail(name, v, f"must be an integer in [0, {MAX_LOGPROBS}]")
+        st = self.prompt_logprobs_start
+        if not _is_int(st) or st < 0:
+            raise _fail("prompt_logprobs_start", st, "must be an int >= 0")
         r = self.repetition_penalty
         r_lo, r_hi = REPETITION_PENALTY_RANGE
         if not _is_number(r) or not r_lo <= r <= r_hi:

@@ -91,7 +91,9 @@ def test_manager_refuses_without_changing_anything() -> None:
     assert r.block_ids == [] and kv.pool.num_free_blocks == 2
 
 
-def test_prompt_logprobs_requests_skip_the_prefix_cache() -> None:
+def test_prompt_logprobs_requests_use_the_prefix_cache_only_before_their_start() -> (
+    None
+):
     kv = KVCacheManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
     a = make_request(list(range(9)))
     kv.allocate_slots(a, 9)
@@ -99,6 +101,12 @@ def test_prompt_logprobs_requests_skip_the_prefix_cache() -> None:
     kv.cache_full_blocks(a)
     b = make_request(list(range(9)), prompt_logprobs=1)
     assert kv.find_cached_prefix(b) == []
+    # Log-probabilities from token 6 on: position 5 must run, so only the first
+    # block (tokens 0-3) may come from the cache; from token 9 on, both blocks.
+    c = make_request(list(range(9)), prompt_logprobs=1, prompt_logprobs_start=6)
+    assert kv.find_cached_prefix(c) == a.block_ids[:1]
+    d = make_request(list(range(10)), prompt_logprobs=1, prompt_logprobs_start=9)
+    assert kv.find_cached_prefix(d) == a.block_ids[:2]
     kv.free(a)
 
 

@@ -174,6 +174,37 @@ def test_logprobs_and_prompt_logprobs_match_transformers(
         )  # greedy
 
 
+def test_prompt_logprobs_from_a_start_reuse_the_cached_context(
+    engine: Engine,
+) -> None:
+    """Scoring several continuations of one context (lm-eval's multiple choice):
+    with ``prompt_logprobs_start`` the context comes from the prefix cache and
+    the continuation's log-probabilities are those of a full computation."""
+    ctx = engine.tokenizer.encode("Question: which of these is a colour? " * 6)
+    full = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1)
+    for choice in (" red", " table", " seven"):
+        ids = ctx + engine.tokenizer.encode("Answer:" + choice)
+        ref = engine.generate(ids, full)[0]
+        p = SamplingParams(
+            max_tokens=1,
+            temperature=0,
+            prompt_logprobs=1,
+            prompt_logprobs_start=len(ctx),
+        )
+        got = engine.generate(ids, p)[0]
+        assert got.usage.cached_prompt_tokens >= 8 * (len(ctx) // 8 - 1)
+        assert got.prompt_logprobs is not None and ref.prompt_logprobs is not None
+        assert len(got.prompt_logprobs) == len(ids)
+        assert all(e is None for e in got.prompt_logprobs[: len(ctx)])
+        for a, b in zip(
+            got.prompt_logprobs[len(ctx) :], ref.prompt_logprobs[len(ctx) :]
+        ):
+            assert a is not None and b is not None and a.token_id == b.token_id
+            assert abs(a.logprob - b.logprob) < 1e-4
+    with pytest.raises(ValueError, match="prompt_logprobs_start"):
+        SamplingParams(prompt_logprobs=1, prompt_logprobs_start=-1)
+
+
 def test_prefix_caching_reuses_blocks_and_keeps_output(
     engine: Engine, make_engine: Any
 ) -> None:

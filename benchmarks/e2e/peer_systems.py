@@ -290,25 +290,21 @@ def load_ctranslate2(
     size = int(opts.get("batch_size", CT2_BATCH))
 
     def batch_run(reqs: list[BenchRequest], t0: float) -> dict[int, RequestRecord]:
-        # With the prompt in the result (the fast path: without it CTranslate2
-        # 4.8 feeds a batch's longer prompts one token per step), max_length
-        # counts the prompt: a row generates max_length - prompt tokens (one more
-        # when the prompt does not start with the BOS token).
-        length = max(len(r.prompt_token_ids) + r.max_tokens for r in reqs)
+        # The prompt goes through at once up to the batch's shortest prompt and
+        # one token per step after it, so batches hold prompts of similar length;
+        # every row decodes the batch's longest output (the extra is padding).
+        steps = max(r.max_tokens for r in reqs)
         res = gen.generate_batch(
             [tok.convert_ids_to_tokens(r.prompt_token_ids) for r in reqs],
-            max_length=length,
-            min_length=length,
+            max_length=steps,
+            min_length=steps,
             sampling_topk=1,
-            include_prompt_in_result=True,
+            include_prompt_in_result=False,
         )
         end = time.perf_counter()
         out = {}
         for r, x in zip(reqs, res):
-            seq, prompt = x.sequences_ids[0], list(r.prompt_token_ids)
-            # A leading BOS is the decoder's start token: not in the result.
-            skip = len(prompt) if seq[: len(prompt)] == prompt else len(prompt) - 1
-            got = seq[skip:]
+            got = x.sequences_ids[0]
             if len(got) < r.max_tokens:
                 raise RuntimeError("CTranslate2 generated fewer tokens than asked")
             loaded.tokens[r.index] = list(got[: r.max_tokens])
@@ -318,7 +314,7 @@ def load_ctranslate2(
         return out
 
     def run(reqs: list[BenchRequest]) -> tuple[float, list[RequestRecord]]:
-        order = sorted(reqs, key=lambda r: r.max_tokens)
+        order = sorted(reqs, key=lambda r: len(r.prompt_token_ids))
         records: dict[int, RequestRecord] = {}
         t0 = time.perf_counter()
         for i in range(0, len(order), size):

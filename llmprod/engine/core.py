@@ -222,10 +222,10 @@ class EngineCore:
     def _process(self, out: SchedulerOutput, result: StepResult) -> None:
         """Hand each request its part of the result; a request whose output
         processing raises (detokenizer, a stream's sink) fails alone."""
-        for idx, lps in result.prompt_logprobs:
+        for idx, first, lps in result.prompt_logprobs:
             req = out.scheduled[idx].request
             try:
-                self.output.add_prompt_logprobs(req, lps)
+                self.output.add_prompt_logprobs(req, first, lps)
             except Exception as exc:
                 self._fail_request(req, "processing its prompt log-probabilities", exc)
         now = time.monotonic()

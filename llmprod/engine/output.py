@@ -91,15 +91,15 @@ class OutputProcessor:
 
     # ------------------------------------------------------------------ per token
     def add_prompt_logprobs(
-        self, req: Request, logprobs: list[TokenLogprob | None]
+        self, req: Request, first: int, logprobs: list[TokenLogprob | None]
     ) -> None:
-        """Append a step's prompt log-probabilities (the first chunk's start
-        with None, for the first prompt token)."""
-        if logprobs and logprobs[0] is None:
-            req.prompt_logprobs = list(logprobs)
-        else:
-            req.prompt_logprobs.extend(logprobs)
-        if len(req.prompt_logprobs) >= req.num_prompt_tokens:
+        """Place a step's prompt log-probabilities, which start at prompt token
+        ``first`` (a chunk run again after preemption overwrites its own)."""
+        lst = req.prompt_logprobs
+        if len(lst) < first:
+            lst.extend([None] * (first - len(lst)))
+        lst[first : first + len(logprobs)] = logprobs
+        if len(lst) >= req.num_prompt_tokens:
             req.prompt_logprobs_done = True
 
     def add_token(

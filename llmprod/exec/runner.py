@@ -28,11 +28,12 @@ class StepResult:
     sampled: SamplerOutput
     sampled_entries: list[int] = field(default_factory=list)
     """Indices into ``SchedulerOutput.scheduled`` of the rows in ``sampled``."""
-    prompt_logprobs: list[tuple[int, list[TokenLogprob | None]]] = field(
+    prompt_logprobs: list[tuple[int, int, list[TokenLogprob | None]]] = field(
         default_factory=list
     )
-    """(index into ``scheduled``, log-probabilities of the prompt tokens this
-    step's chunk predicts); the first chunk starts with None for token 0."""
+    """(index into ``scheduled``, first prompt token covered, log-probabilities
+    of the prompt tokens this step's chunk predicts; None before
+    ``prompt_logprobs_start`` and for token 0)."""
     tokens: dict[int, list[int]] = field(default_factory=dict)
     """Entries (index into ``scheduled``) that carried guesses: the tokens the
     step yields for them, in order (the kept guesses, then the model's own)."""
@@ -215,7 +216,7 @@ class ModelRunner:
         rows: list[int],
         hidden: torch.Tensor,
         cu: list[int],
-        prompt_lps: list[tuple[int, list[TokenLogprob | None]]],
+        prompt_lps: list[tuple[int, int, list[TokenLogprob | None]]],
     ) -> StepResult:
         """A step with guesses: the logits (or argmax) of every guessed position
         and of the last known one; each speculating entry keeps what its
@@ -276,23 +277,29 @@ class ModelRunner:
 
     def _prompt_logprobs(
         self, out: SchedulerOutput, hidden: torch.Tensor, cu: list[int]
-    ) -> list[tuple[int, list[TokenLogprob | None]]]:
+    ) -> list[tuple[int, int, list[TokenLogprob | None]]]:
         """Log-probability of each prompt token given the ones before it, for the
-        entries that asked and whose prompt logprobs are not complete yet."""
-        found: list[tuple[int, list[TokenLogprob | None]]] = []
+        entries that asked and whose prompt logprobs are not complete yet:
+        (index into ``scheduled``, index of the first prompt token covered, the
+        entries). Tokens before ``prompt_logprobs_start`` get None."""
+        found: list[tuple[int, int, list[TokenLogprob | None]]] = []
         for i, e in enumerate(out.scheduled):
             r = e.request
             k = r.params.prompt_logprobs
             if k is None or r.prompt_logprobs_done:
                 continue
             num_prompt = r.num_prompt_tokens
-            lps: list[TokenLogprob | None] = [None] if e.start == 0 else []
-            # Position p predicts prompt token p + 1.
+            # Position p predicts prompt token p + 1; token 0 has nothing before it.
+            first = e.start + 1 if e.start else 0
             end = min(e.start + e.num_new_tokens, num_prompt - 1)
-            if end > e.start:
-                h = hidden[cu[i] : cu[i] + (end - e.start)]
+            lo = max(e.start, r.params.prompt_logprobs_start - 1)
+            lps: list[TokenLogprob | None] = [None] * (max(lo, e.start) + 1 - first)
+            if end > lo:
+                h = hidden[cu[i] + (lo - e.start) : cu[i] + (end - e.start)]
                 lp = torch.log_softmax(self.model.compute_logits(h), dim=-1)
-                targets = r.prompt_token_ids[e.start + 1 : end + 1]
+                targets = r.prompt_token_ids[lo + 1 : end + 1]
                 lps.extend(make_logprob(lp[j], t, k) for j, t in enumerate(targets))
-            found.append((i, lps))
+            else:
+                lps = [None] * max(min(end, num_prompt - 1) + 1 - first, 0)
+            found.append((i, first, lps))
         return found

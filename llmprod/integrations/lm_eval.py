@@ -16,7 +16,9 @@ CLI; ``--model llmprod`` is implied)::
 Requests are tokenized exactly as lm-eval's ``hf`` backend tokenizes them (the
 same ``TemplateLM`` pair encoding, BOS rules and prefix token), so the two
 backends score the same tokens. Loglikelihoods come from the engine's
-``prompt_logprobs``: each batch of requests is submitted at once, and the engine
+``prompt_logprobs`` from the continuation on (``prompt_logprobs_start``, so the
+context may come from the prefix cache): each batch of requests is submitted at
+once, and the engine
 packs them into flat token batches without padding. ``generate_until`` runs the
 engine's generation with the request's stop strings and the ``hf`` backend's
 post-processing (stop at the first stop string, EOS included).
@@ -188,14 +190,29 @@ class LLMProdLM(TemplateLM):
         windows = [
             tuple((ctx + cont)[-(self._max_length + 1) :]) for _, ctx, cont in requests
         ]
-        unique = list(dict.fromkeys(windows))  # equal windows are scored once
-        params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1)
+        # Equal windows are scored once, from the earliest continuation among
+        # them: the tokens before it may come from the prefix cache (the shared
+        # context of a multiple-choice question, scored once per choice).
+        score_from: dict[tuple[int, ...], int] = {}
+        for window, (_, _, cont) in zip(windows, requests):
+            start = len(window) - len(cont)
+            score_from[window] = min(score_from.get(window, start), start)
+        unique = list(score_from)
         scored: dict[tuple[int, ...], Completion] = {}
         bar = tqdm(
             total=len(unique), desc="llmprod loglikelihood", disable=disable_tqdm
         )
         for start in range(0, len(unique), self._batch_size):
             batch = unique[start : start + self._batch_size]
+            params = [
+                SamplingParams(
+                    max_tokens=1,
+                    temperature=0,
+                    prompt_logprobs=1,
+                    prompt_logprobs_start=score_from[w],
+                )
+                for w in batch
+            ]
             outs = self.engine.generate([list(w) for w in batch], params)
             scored.update(zip(batch, outs))
             bar.update(len(batch))

@@ -83,10 +83,20 @@ class KVCacheManager:
         At least one token is always left to compute, so the step that finishes
         the prefill has logits to sample from.
         """
-        if not self.enable_prefix_caching or request.params.prompt_logprobs is not None:
+        if not self.enable_prefix_caching:
             return []
         self.update_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size
+        p = request.params
+        if p.prompt_logprobs is not None and not request.prompt_logprobs_done:
+            # Position i predicts token i + 1: the positions from
+            # prompt_logprobs_start - 1 on must run, so only whole blocks before
+            # it may come from the cache.
+            max_blocks = min(
+                max_blocks, max(p.prompt_logprobs_start - 1, 0) // self.block_size
+            )
+            if max_blocks == 0:
+                return []
         found: list[int] = []
         bs = self.block_size
         for i, h in enumerate(request.block_hashes[:max_blocks]):

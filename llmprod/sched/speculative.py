@@ -16,15 +16,17 @@ yields ``a + 1``.
   (summaries, extraction, code edits, quoting).
 - **Verification** (:func:`verify_greedy`, :func:`verify_sampled`): greedy
   requests keep guesses while they equal the argmax, so the tokens are exactly
-  the ones decoding without speculation gives. Sampled requests use rejection
+  the ones decoding without speculation gives (in float32; in bfloat16 and with
+  4-bit weights, whose products change in the last bits with the number of rows,
+  a near-tie can go the other way, as it can with other rows in the batch). Sampled requests use rejection
   sampling against the (deterministic) guess: keep guess ``x`` with probability
   ``p(x)``, else draw from ``p`` with ``x`` removed; the tokens then follow the
   model's own distribution ``p`` (after temperature, top-k and top-p). A seeded
   request draws in another order with speculation on than off, so the same seed
   gives other (equally distributed) text; without speculation it is unchanged.
 - **Policy** (:class:`SpeculativeConfig`): only small steps speculate (at most
-  ``max_num_seqs`` running requests; a larger step is bound by computing, not by
-  reading weights); a request whose guesses are mostly refused stops drafting
+  ``max_num_seqs`` running requests, one by default; a larger step is bound by
+  computing, not by reading weights); a request whose guesses are mostly refused stops drafting
   for a while; requests that need more than the tokens (log-probabilities,
   repetition penalty, ``min_tokens`` still in effect, a grammar) never draft.
 
@@ -70,8 +72,11 @@ class SpeculativeConfig:
     """Longest suffix the n-gram proposer looks up."""
     prompt_lookup_min: int = 1
     """Shortest suffix it tries before giving up for this step."""
-    max_num_seqs: int = 4
-    """Speculate only in steps with at most this many running requests."""
+    max_num_seqs: int = 1
+    """Speculate only in steps with at most this many running (and waiting)
+    requests. Measured on a 2-core CPU (docs/benchmarks.md, "Speculative
+    decoding"): one request gains 1.3x-2.2x; at 2 requests a copying workload
+    still gains but an open one loses 12%, and at 4-8 both break even or lose."""
     min_acceptance: float = 0.1
     """A request whose guesses are accepted at a lower rate (over its last
     ``window`` guesses) stops drafting for ``backoff_steps`` steps."""
