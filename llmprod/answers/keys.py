@@ -77,8 +77,8 @@ def sampling_key_fields(params: SamplingParams) -> dict[str, Any]:
 
     That is every field of ``params.to_dict()`` (everything but ``extra``), with
     float fields as floats so that ``temperature=0`` and ``0.0`` agree;
-    ``structured`` only when set, so that the keys of requests without a
-    constraint are the keys they had before the field existed.
+    ``structured`` and ``prompt_logprobs_start`` only when set, so that the keys
+    of requests without them are the keys they had before the fields existed.
 
     Args:
         params: the request's sampling parameters.
@@ -90,6 +90,8 @@ def sampling_key_fields(params: SamplingParams) -> dict[str, Any]:
     out.pop("extra", None)
     if out.get("structured") is None:  # keys of before, for unconstrained requests
         out.pop("structured", None)
+    if not out.get("prompt_logprobs_start"):  # likewise: 0 is the old behaviour
+        out.pop("prompt_logprobs_start", None)
     for name in _FLOAT_FIELDS:
         value = out.get(name)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
