@@ -137,6 +137,7 @@ FIELD_VARIANTS: dict[str, Any] = {
     "ignore_eos": True,
     "logprobs": 1,
     "prompt_logprobs": 0,
+    "prompt_logprobs_start": 3,
     "repetition_penalty": 1.1,
     "include_stop_str_in_output": True,
     "skip_special_tokens": False,
@@ -145,8 +146,9 @@ FIELD_VARIANTS: dict[str, Any] = {
 
 
 def test_key_changes_with_every_output_changing_field() -> None:
-    # structured is keyed only when set (unconstrained keys stay as they were).
-    keyed = set(sampling_key_fields(GREEDY)) | {"structured"}
+    # structured and prompt_logprobs_start are keyed only when set (the keys of
+    # requests without them stay as they were).
+    keyed = set(sampling_key_fields(GREEDY)) | {"structured", "prompt_logprobs_start"}
     assert keyed == {f.name for f in dataclasses.fields(SamplingParams)} - {"extra"}
     assert set(FIELD_VARIANTS) == keyed, (
         "add a variant for each new SamplingParams field"
