@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.e2e.baselines import RequestRecord
+from benchmarks.e2e.baselines import RequestRecord, _llmprod_params, _llmprod_records
 from benchmarks.workload import DEFAULT_MODEL, BenchRequest
 
 CACHE = Path(
@@ -30,6 +30,13 @@ LLMPROD_VARIANTS: dict[str, dict[str, Any]] = {
     "int4": {"quantization": "int4"},
 }
 CT2_BATCH = 16
+
+
+def _alone(ids: list[int], n: int) -> BenchRequest:
+    """One prompt as a request of its own (the batch-1 measurement)."""
+    return BenchRequest(
+        index=0, prompt_token_ids=list(ids), max_tokens=n, arrival_s=0.0, messages=[]
+    )
 
 
 @dataclass
@@ -48,7 +55,7 @@ class Loaded:
 def load_llmprod(variant: str, model_path: str, threads: int) -> Loaded:
     import torch
 
-    from llmprod import Engine, SamplingParams
+    from llmprod import Engine
 
     if variant not in LLMPROD_VARIANTS:
         raise SystemExit(f"llmprod variants: {list(LLMPROD_VARIANTS)}")
@@ -56,29 +63,17 @@ def load_llmprod(variant: str, model_path: str, threads: int) -> Loaded:
         DEFAULT_MODEL, num_threads=threads, **LLMPROD_VARIANTS[variant]
     )
 
-    def params(n: int) -> Any:
-        return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-
     def run(reqs: list[BenchRequest]) -> tuple[float, list[RequestRecord]]:
         t0 = time.perf_counter()
         comps = engine.generate(
-            [r.prompt_token_ids for r in reqs], [params(r.max_tokens) for r in reqs]
+            [r.prompt_token_ids for r in reqs], _llmprod_params(reqs)
         )
         wall = time.perf_counter() - t0
         loaded.tokens = {r.index: list(c.token_ids) for r, c in zip(reqs, comps)}
-        return wall, [
-            RequestRecord(
-                r.index,
-                c.usage.prompt_tokens,
-                c.usage.completion_tokens,
-                c.timings.ttft_s,
-                c.timings.e2e_s,
-            )
-            for r, c in zip(reqs, comps)
-        ]
+        return wall, _llmprod_records(reqs, comps)
 
     def one(ids: list[int], n: int) -> None:
-        engine.generate([ids], params(n))
+        engine.generate([ids], _llmprod_params([_alone(ids, n)]))
 
     extra = {
         "torch": torch.__version__,
@@ -226,17 +221,7 @@ def load_llamacpp(
         return wall, [records[r.index] for r in reqs]
 
     def one(ids: list[int], n: int) -> None:
-        run(
-            [
-                BenchRequest(
-                    index=0,
-                    prompt_token_ids=list(ids),
-                    max_tokens=n,
-                    arrival_s=0.0,
-                    messages=[],
-                )
-            ]
-        )
+        run([_alone(ids, n)])
 
     def close() -> None:
         llama_cpp.llama_batch_free(batch)
@@ -322,18 +307,7 @@ def load_ctranslate2(
         return time.perf_counter() - t0, [records[r.index] for r in reqs]
 
     def one(ids: list[int], n: int) -> None:
-        batch_run(
-            [
-                BenchRequest(
-                    index=0,
-                    prompt_token_ids=list(ids),
-                    max_tokens=n,
-                    arrival_s=0.0,
-                    messages=[],
-                )
-            ],
-            0.0,
-        )
+        batch_run([_alone(ids, n)], 0.0)
 
     extra = {
         "ctranslate2": ctranslate2.__version__,

@@ -165,9 +165,8 @@ class EngineCore:
         """The step ran: record it, then hand each request its part."""
         accepted = result.accepted()
         self.scheduler.update(out, accepted)
-        for i, e in enumerate(out.scheduled):
-            if e.draft:
-                self.metrics.on_speculation(len(e.draft), accepted.get(i, 0))
+        for i, kept in accepted.items():
+            self.metrics.on_speculation(len(out.scheduled[i].draft), kept)
         self._account(out, elapsed)
         self._process(out, result)
 
