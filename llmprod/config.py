@@ -323,6 +323,12 @@ class EngineConfig:
     "num_speculative_tokens": 4, ...}`` / a
     :class:`llmprod.sched.speculative.SpeculativeConfig`
     (docs/speculative-decoding.md)."""
+    max_loras: int = 4
+    """LoRA adapters held at once (``Engine.load_adapter``); loading one more
+    evicts the least recently used adapter with no request in flight
+    (docs/lora.md)."""
+    max_lora_rank: int = 64
+    """The largest LoRA rank ``load_adapter`` accepts."""
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     """The paged KV cache."""
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -366,6 +372,8 @@ class EngineConfig:
         if not (_is_int(self.seed) and lo <= self.seed < hi):
             raise _fail("seed", self.seed, "must be an int in [-2**63, 2**64)")
         _check_int("num_threads", self.num_threads, 1, optional=True)
+        _check_int("max_loras", self.max_loras, 1)
+        _check_int("max_lora_rank", self.max_lora_rank, 1)
         _check_bool(
             "allow_special_tokens_in_content", self.allow_special_tokens_in_content
         )

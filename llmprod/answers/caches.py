@@ -147,8 +147,13 @@ class AnswerCaches:
 
     def scope_of(self, req: Request) -> str | None:
         """The scope ``req``'s answers are looked up and stored under:
-        ``"tenant:<tenant>"``, or ``None`` when the caches are shared."""
-        return scope_key(self.cache_scope, req.tenant)
+        ``"tenant:<tenant>"``, or ``None`` when the caches are shared; a LoRA
+        request's adds its adapter's content hash (``"|adapter:<sha256>"``)."""
+        scope = scope_key(self.cache_scope, req.tenant)
+        if req.adapter_hash is None:
+            return scope
+        adapter = f"adapter:{req.adapter_hash}"
+        return adapter if scope is None else f"{scope}|{adapter}"
 
     def stats(self) -> dict[str, Any]:
         """Each cache's counters: ``response`` and ``semantic``, for those that are on."""

@@ -42,6 +42,7 @@ _MARK = re.compile("\ue000(\\d+)\ue001")
 
 if TYPE_CHECKING:
     from llmprod.answers.caches import AnswerCaches
+    from llmprod.lora.manager import LoRAManager
     from llmprod.ops.limits import Throttle
     from llmprod.structured.backend import GrammarBackend
 
@@ -77,6 +78,8 @@ class Admission:
     ) -> None:
         self.tokenizer = tokenizer
         self.grammars = grammars
+        self.lora: LoRAManager | None = None
+        """The engine's adapters, once one is loaded."""
         """Compiles structured-output constraints (None: they are refused)."""
         self.model_name = model_name
         self.vocab_size = vocab_size
@@ -110,6 +113,7 @@ class Admission:
         return_exceptions: bool,
         wait_timeout: float | None,
         submit: Callable[[int, Request], None],
+        adapter: str | Sequence[str | None] | None = None,
     ) -> list[Request | LLMProdError]:
         """Admit a batch and hand each admitted request to ``submit`` (with its
         index). Every prompt is validated before any takes a tenant limit, so
@@ -120,10 +124,11 @@ class Admission:
         inputs.check_tenant(tenant)
         batch = inputs.as_prompt_list(prompts)
         plist = inputs.params_list(params, len(batch))
+        alist = inputs.adapter_list(adapter, len(batch))
         built: list[Request | LLMProdError] = []
-        for i, (p, sp) in enumerate(zip(batch, plist)):
+        for i, (p, sp, a) in enumerate(zip(batch, plist, alist)):
             try:
-                built.append(self.build(p, sp, tenant))
+                built.append(self.build(p, sp, tenant, a))
             except InvalidRequestError as exc:
                 if not return_exceptions:
                     if len(batch) > 1:
@@ -198,11 +203,13 @@ class Admission:
         params: SamplingParams,
         tenant: str,
         wait_timeout: float | None = None,
+        adapter: str | None = None,
     ) -> Request:
         """Validate, guard, tokenize and admit one prompt or conversation."""
         inputs.check_tenant(tenant)
+        inputs.adapter_list(adapter, 1)
         try:
-            req = self.build(prompt, params, tenant)
+            req = self.build(prompt, params, tenant, adapter)
         except LLMProdError:
             raise
         except Exception as exc:  # a prompt guard or tokenizer of the user's
@@ -211,7 +218,11 @@ class Admission:
         return req
 
     def build(
-        self, prompt: Prompt | Sequence[Message], params: SamplingParams, tenant: str
+        self,
+        prompt: Prompt | Sequence[Message],
+        params: SamplingParams,
+        tenant: str,
+        adapter: str | None = None,
     ) -> Request:
         """A validated request, before limits: raises InvalidRequestError (or
         EngineClosedError), with no side effect."""
@@ -253,6 +264,16 @@ class Admission:
         req = Request(rid, ids, params, tenant=tenant, text=text, context=context)
         if self.is_tenant_scoped:
             req.cache_keys = (f"tenant:{tenant}",)
+        if adapter is not None:
+            if self.lora is None:
+                raise InvalidRequestError(
+                    f"adapter {adapter!r} is not loaded (loaded: none); load it "
+                    "with engine.load_adapter(name, path)",
+                    "adapter",
+                )
+            req.adapter = adapter
+            req.adapter_hash = self.lora.content_hash(adapter)
+            req.cache_keys = (*req.cache_keys, f"adapter:{req.adapter_hash}")
         if params.structured is not None:
             if self.grammars is None:
                 raise InvalidRequestError(

@@ -29,12 +29,17 @@ from llmprod.engine.core import EngineCore
 from llmprod.engine.inputs import Message, Prompt
 from llmprod.engine.loading import load_model, speed_up
 from llmprod.engine.output import Handle, OutputProcessor
-from llmprod.errors import EngineClosedError, UnsupportedModelError
+from llmprod.errors import (
+    EngineClosedError,
+    InvalidRequestError,
+    UnsupportedModelError,
+)
 from llmprod.exec.memory import release_freed_memory
 from llmprod.exec.runner import ModelRunner
 from llmprod.exec.threads import run_in_own_thread
 from llmprod.kv.manager import KVCacheManager
 from llmprod.layers.attention import get_attention_backend
+from llmprod.lora import AdapterInfo, LoRAManager
 from llmprod.models.loader import eos_token_ids, max_model_len, pick_device
 from llmprod.models.protocol import PagedCausalLM
 from llmprod.ops.metrics import (
@@ -258,6 +263,7 @@ class Engine:
         return_exceptions: bool = False,
         wait_timeout: float | None = None,
         grounding_context: str | None = None,
+        adapter: str | Sequence[str | None] | None = None,
     ) -> list[Completion]:
         """Complete one prompt or many; one :class:`Completion` per prompt, in order.
 
@@ -276,11 +282,13 @@ class Engine:
             grounding_context: text the answers should be grounded in; each
                 completion gets ``flags["grounding"]`` (MiniLM similarity of each
                 output sentence to the context).
+            adapter: the LoRA adapter to run with (a name given to
+                :meth:`load_adapter`), one per prompt, or None for the base model.
         """
         done: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
         prepared, handles = self._admit_batch(
             prompts, params, tenant, return_exceptions, wait_timeout,
-            lambda i: functools.partial(_put_indexed, done, i),
+            lambda i: functools.partial(_put_indexed, done, i), adapter,
         )  # fmt: skip
         results: list[Any] = [
             req if isinstance(req, BaseException) else None for req in prepared
@@ -363,12 +371,13 @@ class Engine:
         *,
         tenant: str = "default",
         wait_timeout: float | None = None,
+        adapter: str | None = None,
     ) -> Iterator[Delta]:
         """Yield :class:`Delta` pieces as they are produced; the last one carries
         ``finish_reason`` and the full ``completion``. Stopping the iteration
         early aborts the request."""
         req = self.admission.admit(
-            prompt, params or SamplingParams(), tenant, wait_timeout
+            prompt, params or SamplingParams(), tenant, wait_timeout, adapter
         )
         q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         h = self._submit(req, q.put, True)
@@ -382,6 +391,7 @@ class Engine:
         return_exceptions: bool,
         wait_timeout: float | None,
         sink_for: Callable[[int], Callable[[Any], None]],
+        adapter: str | Sequence[str | None] | None = None,
     ) -> tuple[list[Any], list[Handle]]:
         """Admit a batch, submitting each admitted prompt with the sink
         ``sink_for(index)`` gives; if admission raises, abort what it
@@ -394,8 +404,9 @@ class Engine:
 
         try:
             prepared = self.admission.admit_batch(
-                prompts, params, tenant, return_exceptions, wait_timeout, submit
-            )
+                prompts, params, tenant, return_exceptions, wait_timeout, submit,
+                adapter,
+            )  # fmt: skip
         except BaseException:
             for h in handles:
                 self.abort(h.request.request_id)
@@ -423,6 +434,7 @@ class Engine:
         tenant: str = "default",
         return_exceptions: bool = False,
         wait_timeout: float | None = None,
+        adapter: str | Sequence[str | None] | None = None,
     ) -> list[Completion]:
         """Async :meth:`generate`: waits without blocking the event loop.
 
@@ -436,7 +448,7 @@ class Engine:
             return _future_setter(loop, fut)
 
         reqs, handles = self._admit_batch(
-            prompts, params, tenant, return_exceptions, wait_timeout, sink_for
+            prompts, params, tenant, return_exceptions, wait_timeout, sink_for, adapter
         )
         futures: list[asyncio.Future[Any]] = []
         for i, req in enumerate(reqs):
@@ -463,11 +475,12 @@ class Engine:
         *,
         tenant: str = "default",
         wait_timeout: float | None = None,
+        adapter: str | None = None,
     ) -> AsyncIterator[Delta]:
         """Async :meth:`stream`. Closing the iterator or cancelling the consuming
         task aborts the request."""
         req = self.admission.admit(
-            prompt, params or SamplingParams(), tenant, wait_timeout
+            prompt, params or SamplingParams(), tenant, wait_timeout, adapter
         )
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[Any] = asyncio.Queue()
@@ -489,6 +502,42 @@ class Engine:
         finally:
             if not h.done:
                 self.abort(h.request.request_id)
+
+    # ------------------------------------------------------------------ adapters
+    def load_adapter(self, name: str, path: str | Path) -> AdapterInfo:
+        """Load a PEFT LoRA adapter from a local folder under ``name`` (replacing
+        an idle adapter of that name); requests choose it with ``adapter=name``.
+
+        Past ``max_loras`` adapters, the least recently used one with no request
+        in flight is evicted. Native model path only (docs/lora.md).
+
+        Raises:
+            InvalidConfigError: a bad folder, an unsupported module or option, a
+                rank above ``max_lora_rank``, no idle adapter to evict; the
+                error's ``field`` names what.
+            InvalidRequestError: the name is in use by requests in flight.
+            UnsupportedModelError: the engine runs the generic model path.
+        """
+        lora = self.admission.lora
+        if lora is None:
+            with self._close_lock:
+                lora = self.admission.lora or LoRAManager(
+                    self.model, self.config.max_loras, self.config.max_lora_rank,
+                    self.dtype, self.device,
+                )  # fmt: skip
+                self.runner.lora = self.admission.lora = self.output.lora = lora
+        return lora.load(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        """Drop an adapter and free its memory (refused while requests use it)."""
+        if self.admission.lora is None:
+            raise InvalidRequestError(f"adapter {name!r} is not loaded", "adapter")
+        self.admission.lora.unload(name)
+
+    def adapters(self) -> dict[str, AdapterInfo]:
+        """The loaded adapters by name."""
+        lora = self.admission.lora
+        return {} if lora is None else lora.infos()
 
     def abort(self, request_id: str) -> None:
         """End a request early; it finishes with ``finish_reason="abort"``.
@@ -551,7 +600,16 @@ class Engine:
         with self._close_lock:
             if self._closed:
                 raise EngineClosedError("the engine is closed")
-            self.recorder.on_submit(req.tenant)
+            if cached is None and req.adapter is not None:
+                lora = self.admission.lora
+                assert lora is not None and req.adapter_hash is not None
+                try:
+                    lora.pin(req.adapter, req.adapter_hash)
+                except BaseException:
+                    self.admission.release(req)
+                    raise
+                req.adapter_pinned = True
+            self.recorder.on_submit(req.tenant, req.adapter)
             if cached is None:
                 self.core.submit(h)
         if cached is not None:  # answered without touching the model

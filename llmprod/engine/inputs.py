@@ -75,6 +75,34 @@ def _is_token(t: Any) -> bool:
     return isinstance(t, int) and not isinstance(t, bool)
 
 
+def adapter_list(
+    adapter: str | Sequence[str | None] | None, n: int
+) -> list[str | None]:
+    """One adapter name (or None) per prompt: one for all, or one each."""
+    if adapter is None or isinstance(adapter, str):
+        return [adapter] * n
+    if not isinstance(adapter, (list, tuple)):
+        raise InvalidRequestError(
+            "adapter must be a name, a list of names (None: the base model) or "
+            f"None; got {type(adapter).__name__}",
+            "adapter",
+        )
+    names = list(adapter)
+    if len(names) != n:
+        raise InvalidRequestError(
+            f"adapter has {len(names)} entries for {n} prompts; pass one or one "
+            "per prompt",
+            "adapter",
+        )
+    for i, a in enumerate(names):
+        if a is not None and not isinstance(a, str):
+            raise InvalidRequestError(
+                f"adapter[{i}] must be a name or None, got {type(a).__name__}",
+                "adapter",
+            )
+    return names
+
+
 def params_list(
     params: SamplingParams | Sequence[SamplingParams] | None, n: int
 ) -> list[SamplingParams]:

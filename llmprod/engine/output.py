@@ -27,6 +27,7 @@ from llmprod.sched.request import Request
 
 if TYPE_CHECKING:
     from llmprod.answers.caches import AnswerCaches
+    from llmprod.lora.manager import LoRAManager
 
 logger = logging.getLogger("llmprod")
 
@@ -81,6 +82,8 @@ class OutputProcessor:
         self.prices = config.prices
         self.metrics = metrics
         self.answers = answers
+        self.lora: LoRAManager | None = None
+        """The engine's adapters (set when the first one is loaded)."""
 
     def make_handle(self, req: Request, sink: Sink, streaming: bool) -> Handle:
         p = req.params
@@ -280,6 +283,7 @@ class OutputProcessor:
                 tenant=req.tenant,
                 cost=0.0,
                 cache_tier=comp.cache_hit,
+                adapter=req.adapter,
             )
         except Exception:
             logger.exception("recording the cached answer of %s failed", req.request_id)
@@ -367,6 +371,9 @@ class OutputProcessor:
             return
         h.released = True
         req = h.request
+        if req.adapter_pinned and self.lora is not None:
+            req.adapter_pinned = False
+            self.lora.unpin(req.adapter)  # type: ignore[arg-type]
         if cost is None:
             try:
                 cost = self._price(req)
@@ -382,6 +389,7 @@ class OutputProcessor:
                 timings,
                 tenant=req.tenant,
                 cost=cost,
+                adapter=req.adapter,
             )
         except Exception:
             logger.exception("recording %s failed", req.request_id)

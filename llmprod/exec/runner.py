@@ -15,6 +15,7 @@ from llmprod.exec.speculative import verify_greedy, verify_sampled
 from llmprod.layers.attention import AttentionBackend
 from llmprod.layers.attention.metadata import AttentionMetadata
 from llmprod.layers.screened_head import ScreenedGreedyHead
+from llmprod.lora.manager import LoRAManager
 from llmprod.models.protocol import PagedCausalLM
 from llmprod.outputs import TokenLogprob
 from llmprod.sched.scheduler import SchedulerOutput
@@ -104,6 +105,9 @@ class ModelRunner:
         shape = (2, num_blocks, block_size, kv_heads, head_dim)
         self.kv_caches = zeroed_kv_caches(num_layers, shape, dtype, device)
         self.sampler = Sampler(seed, device)
+        self.lora: LoRAManager | None = None
+        """The engine's LoRA adapters, once one is loaded: each step holds their
+        slots steady and maps its tokens onto them."""
 
     @staticmethod
     def num_blocks_for(cc: CacheConfig, per_block: int) -> int:
@@ -184,7 +188,17 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
         input_ids, positions, meta = self.prepare(out)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
+        lora = self.lora
+        if lora is None or all(e.request.adapter is None for e in out.scheduled):
+            hidden = self.model(
+                input_ids, positions, self.kv_caches, meta, self.backend
+            )
+        else:
+            with lora.step([(e.request.adapter, e.num_new_tokens)
+                            for e in out.scheduled]):  # fmt: skip
+                hidden = self.model(
+                    input_ids, positions, self.kv_caches, meta, self.backend
+                )
         cu = meta.cu_seqlens_q_host
         rows = [i for i, e in enumerate(out.scheduled) if e.samples]
         prompt_lps = self._prompt_logprobs(out, hidden, cu)

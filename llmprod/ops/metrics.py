@@ -142,6 +142,11 @@ class MetricsSnapshot:
     Tenants folded away by the recorder's cap are summed in ``other``."""
     cache: dict[str, Any] = field(default_factory=dict)
     """response-cache hits per tier, misses and backend errors."""
+    adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """per LoRA adapter (requests that named one): submitted, completed,
+    aborted, errored, prompt_tokens, completion_tokens, cost, e2e_s (summed
+    latency of the completed ones) and mean_e2e_s; capped like tenants (the
+    rest in ``other``)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The snapshot as nested dicts of plain values (ready for ``json.dumps``)."""
@@ -181,6 +186,7 @@ class MetricsRecorder:
         self.cost = 0.0
         self.cache_hits: dict[str, int] = {}
         self.tenants: dict[str, dict[str, float]] = {}
+        self.adapters: dict[str, dict[str, float]] = {}
         # named tenants with nothing in flight, least recently active first
         self._idle: OrderedDict[str, None] = OrderedDict()
         self.samples: dict[str, deque[float]] = {
@@ -232,13 +238,15 @@ class MetricsRecorder:
             merge_row(self._tenant(OTHER_TENANT), self.tenants.pop(tenant))
             named -= 1
 
-    def on_submit(self, tenant: str = "default") -> None:
+    def on_submit(self, tenant: str = "default", adapter: str | None = None) -> None:
         """Record a submitted request."""
         with self._lock:
             self.counts["submitted"] += 1
             t = self._tenant(tenant)
             t["submitted"] += 1
             self._touch(tenant, t)
+            if adapter is not None:
+                self._adapter(adapter)["submitted"] += 1
 
     def on_finish(
         self,
@@ -250,9 +258,11 @@ class MetricsRecorder:
         tenant: str = "default",
         cost: float = 0.0,
         cache_tier: str | None = None,
+        adapter: str | None = None,
     ) -> None:
         """Record a finished request; ``outcome`` is completed, aborted or errored;
-        ``cache_tier`` names the response-cache tier that answered, if one did."""
+        ``cache_tier`` names the response-cache tier that answered, if one did;
+        ``adapter`` the LoRA adapter it ran with."""
         with self._lock:
             if cache_tier is not None:
                 self.cache_hits[cache_tier] = self.cache_hits.get(cache_tier, 0) + 1
@@ -267,10 +277,26 @@ class MetricsRecorder:
             t["completion_tokens"] += completion
             t["cost"] += cost
             self._touch(tenant, t)
+            if adapter is not None:
+                a = self._adapter(adapter)
+                a[outcome] += 1
+                a["prompt_tokens"] += prompt
+                a["completion_tokens"] += completion
+                a["cost"] += cost
+                if outcome == "completed" and timings.get("e2e") is not None:
+                    a["e2e_s"] += timings["e2e"]  # type: ignore[operator]
             if outcome == "completed":
                 for k, v in timings.items():
                     if v is not None:
                         self.samples[k].append(v)
+
+    def _adapter(self, name: str) -> dict[str, float]:
+        row = self.adapters.get(name)
+        if row is None:
+            keys = ("submitted", "completed", "aborted", "errored", "prompt_tokens",
+                    "completion_tokens", "cost", "e2e_s")  # fmt: skip
+            row = self.adapters[name] = dict.fromkeys(keys, 0)
+        return row
 
     def on_step(
         self, padded: int, processed: int, kv_usage: float, slot_waste: float
@@ -299,6 +325,9 @@ class MetricsRecorder:
             counts = dict(self.counts)
             tokens = dict(self.tokens)
             tenants = {k: dict(v) for k, v in self.tenants.items()}
+            adapters = fold_tenants(
+                {k: dict(v) for k, v in self.adapters.items()}, self._max_tenants
+            )
             samples = {k: list(v) for k, v in self.samples.items()}
             scheduler = {
                 "steps": self.steps,
@@ -329,6 +358,7 @@ class MetricsRecorder:
             scheduler=scheduler,
             cost={"total": cost},
             tenants=tenants,
+            adapters={k: _with_mean(row) for k, row in adapters.items()},
             cache={
                 "hits": hits,
                 "hit_rate": sum(hits.values()) / answered if answered else 0.0,
@@ -337,6 +367,11 @@ class MetricsRecorder:
         for name, values in sections.items():
             getattr(snap, name).update(values)
         return snap
+
+
+def _with_mean(row: dict[str, Any]) -> dict[str, Any]:
+    done = row.get("completed")
+    return {**row, "mean_e2e_s": row["e2e_s"] / done if done else None}
 
 
 def speculation_stats(

@@ -59,6 +59,7 @@ DEFAULT_MAX_TENANTS = 100
 
 DEFAULT_LABEL_LEVELS: Mapping[str, str] = {
     "tenants": "tenant",
+    "adapters": "adapter",
     "cache.tiers": "tier",
     "cache.hits": "tier",
     "cache.backend": "tier",
@@ -89,6 +90,10 @@ DEFAULT_COUNTERS: tuple[str, ...] = (
     "tenants.*.tokens_used",
     "tenants.*.spend",
     "tenants.*.rejected.*",
+    "adapters.*.cost",
+    "adapters.*.prompt_tokens",
+    "adapters.*.completion_tokens",
+    "adapters.*.e2e_s",
     "cache.*hits",
     "cache.*hits.*",
     "cache.*misses",

@@ -82,6 +82,13 @@ class Request:
     """Its speculative decoding record (``llmprod.sched.speculative.SpecState``),
     kept by the scheduler when the engine speculates."""
 
+    adapter: str | None = None
+    """The LoRA adapter it runs with (its name), or None for the base model."""
+    adapter_hash: str | None = None
+    """That adapter's content hash: part of the prefix and answer cache keys."""
+    adapter_pinned: bool = False
+    """Set once the adapter is held for it (released when it ends)."""
+
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)

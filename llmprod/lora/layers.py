@@ -1,0 +1,133 @@
+"""Projections that add each token's own LoRA delta to the base output.
+
+Every resident adapter has a slot; a module holds the slots stacked:
+``A`` ``[slots, in, shards * R]`` (the shards' ``A`` side by side) and one
+``B`` per shard ``[slots, R, out_shard]``, zero-padded to the largest rank R of
+the resident adapters. A step's tokens carry a slot each (or none), and the
+delta is computed per group of tokens that share a slot, never by merging
+weights, so rows of different adapters and rows of the base model run in one
+batch:
+
+* every token on one adapter: two matrix products on the whole batch;
+* a few groups: gather each group's rows, two products, add them back;
+* many small groups (decode with many adapters): the groups padded into one
+  ``[slots, rows, in]`` tensor and two batched products over the stacked slots,
+  so the number of operations does not grow with the number of adapters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(slots=True)
+class LoRABatch:
+    """How one step's tokens map onto adapter slots (set by the manager under
+    its lock for the duration of the model's forward pass)."""
+
+    mode: str | None = None
+    """None (no token has an adapter), "all" (every token on ``slot``),
+    "groups" (``groups``: (slot, token index) pairs) or "padded"."""
+    slot: int = 0
+    groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    num_slots: int = 0
+    """"padded": slots 0..num_slots-1 take part."""
+    gather: torch.Tensor | None = None
+    """"padded": token index of each (slot, row) place, ``[num_slots * rows]``
+    (padding places point at token 0 and are dropped)."""
+    rows: int = 0
+    keep: torch.Tensor | None = None
+    """"padded": the places that hold real tokens."""
+    tokens: torch.Tensor | None = None
+    """"padded": the token of each kept place."""
+
+    def set(self, slots: list[int], device: torch.device) -> None:
+        """Group the step's tokens (``slots[i]``: token i's slot, -1: none)."""
+        self.clear()
+        by_slot: dict[int, list[int]] = {}
+        for i, s in enumerate(slots):
+            if s >= 0:
+                by_slot.setdefault(s, []).append(i)
+        if not by_slot:
+            return
+        if len(by_slot) == 1 and len(next(iter(by_slot.values()))) == len(slots):
+            self.mode, self.slot = "all", next(iter(by_slot))
+            return
+        n = sum(len(v) for v in by_slot.values())
+        num_slots = max(by_slot) + 1
+        rows = max(len(v) for v in by_slot.values())
+        # Few groups, or groups so uneven (a long prefill beside decodes) that
+        # padding would multiply the work: one gather per group.
+        if len(by_slot) <= 2 or num_slots * rows > 2 * n:
+            self.mode = "groups"
+            self.groups = [
+                (s, torch.tensor(v, device=device)) for s, v in sorted(by_slot.items())
+            ]
+            return
+        gather = [0] * (num_slots * rows)
+        keep: list[int] = []
+        tokens: list[int] = []
+        for s, idx in by_slot.items():
+            for j, t in enumerate(idx):
+                gather[s * rows + j] = t
+                keep.append(s * rows + j)
+                tokens.append(t)
+        self.mode, self.num_slots, self.rows = "padded", num_slots, rows
+        self.gather = torch.tensor(gather, device=device)
+        self.keep = torch.tensor(keep, device=device)
+        self.tokens = torch.tensor(tokens, device=device)
+
+    def clear(self) -> None:
+        self.mode = None
+        self.groups = []
+        self.gather = self.keep = self.tokens = None
+
+
+def _delta(xa: torch.Tensor, bs: list[torch.Tensor], rank: int) -> torch.Tensor:
+    """Each shard's ``B`` applied to its part of ``x A``, side by side."""
+    if len(bs) == 1:
+        return torch.matmul(xa, bs[0])
+    return torch.cat(
+        [torch.matmul(xa[..., j * rank : (j + 1) * rank], b) for j, b in enumerate(bs)],
+        dim=-1,
+    )
+
+
+class LoRALinear(nn.Module):
+    """A base projection (any kind: float, packed, int8, 4-bit) plus the LoRA
+    deltas of the step's tokens. With no adapter loaded it is the base module."""
+
+    def __init__(self, base: nn.Module, batch: LoRABatch) -> None:
+        super().__init__()
+        self.base = base
+        self.batch = batch
+        self.a: torch.Tensor | None = None
+        """``[slots, in, shards * rank]``; None when no resident adapter adapts
+        this module."""
+        self.b: list[torch.Tensor] = []
+        """Per shard ``[slots, rank, out_shard]``."""
+        self.rank = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        b = self.batch
+        a = self.a
+        if b.mode is None or a is None:
+            return y
+        r = self.rank
+        if b.mode == "all":
+            y += _delta(x @ a[b.slot], [m[b.slot] for m in self.b], r)
+        elif b.mode == "groups":
+            for s, idx in b.groups:
+                xs = x.index_select(0, idx)
+                y.index_add_(0, idx, _delta(xs @ a[s], [m[s] for m in self.b], r))
+        else:
+            assert b.gather is not None and b.keep is not None and b.tokens is not None
+            n = b.num_slots
+            xp = x.index_select(0, b.gather).view(n, b.rows, -1)
+            d = _delta(torch.bmm(xp, a[:n]), [m[:n] for m in self.b], r)
+            y.index_add_(0, b.tokens, d.view(n * b.rows, -1).index_select(0, b.keep))
+        return y
