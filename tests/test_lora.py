@@ -255,6 +255,12 @@ def test_eviction_pins_and_unload_free_memory(
     eng.generate(PROMPTS[0], GREEDY, adapter="a8")  # b16 is now the least recent
     eng.load_adapter("c8", adapters["c8"][0])
     assert set(eng.adapters()) == {"a8", "c8"}
+
+    def check(name: str) -> None:  # still PEFT's tokens after its slot moved
+        out = eng.generate(PROMPTS[0], GREEDY, adapter=name)[0]
+        assert_peft_equal(out.token_ids, adapters[name][1][0], name)
+
+    check("a8")  # its slots shrank from rank 16 to 8 when b16 left
     lora = eng.admission.lora
     assert lora is not None and lora.nbytes > 0
     # A request in flight pins its adapter: not replaced, unloaded or evicted.
@@ -270,6 +276,8 @@ def test_eviction_pins_and_unload_free_memory(
     assert set(eng.adapters()) == {"a8", "b16"}
     stream.close()
     wait_idle(eng)
+    check("a8")  # and grew back to 16
+    check("b16")
     assert eng.adapters()["a8"].in_flight == 0
     eng.unload_adapter("a8")
     eng.unload_adapter("b16")

@@ -49,6 +49,10 @@ class AdapterInfo:
 class _Adapter:
     name: str
     weights: AdapterWeights
+    """Its matrices move into the slot tensors at its first stacking
+    (:meth:`LoRAManager._restack`) and are dropped from here: held once."""
+    nbytes: int
+    modules: frozenset[tuple[int, str]]
     pins: int = 0
     last_used: float = 0.0
 
@@ -136,7 +140,13 @@ class LoRAManager:
             if old is None and len(self._adapters) >= self.max_loras:
                 self._evict_one()
             kept = [a for a in self._adapters.values() if a.name != name]
-            new = _Adapter(name, weights, last_used=time.monotonic())
+            new = _Adapter(
+                name,
+                weights,
+                weights.nbytes,
+                frozenset(weights.weights),
+                last_used=time.monotonic(),
+            )
             self._restack([*kept, new])
             return self._info(new)
 
@@ -227,7 +237,7 @@ class LoRAManager:
     def _info(self, a: _Adapter) -> AdapterInfo:
         w = a.weights
         return AdapterInfo(
-            a.name, str(w.path), w.content_hash, w.rank, w.targets, w.nbytes, a.pins
+            a.name, str(w.path), w.content_hash, w.rank, w.targets, a.nbytes, a.pins
         )
 
     def _evict_one(self) -> None:
@@ -243,34 +253,44 @@ class LoRAManager:
 
     def _restack(self, adapters: list[_Adapter]) -> None:
         """Rebuild every module's stacked slots for these adapters, in order
-        (under the lock)."""
+        (under the lock): adapters already stacked are copied from their old
+        slots, a new one from the matrices it was read with (then dropped)."""
         rank = max((a.weights.rank for a in adapters), default=0)
+        old_slots = self._slots
         for (layer, fused), module in self._modules.items():
             shape = self.shapes[fused]
             present = [(k, a) for k, a in enumerate(adapters)
-                       if (layer, fused) in a.weights.weights]  # fmt: skip
+                       if (layer, fused) in a.modules]  # fmt: skip
             if not present:
                 module.a, module.b, module.rank = None, [], 0
                 continue
-            n = len(adapters)
-            shards = len(shape.shard_sizes)
+            n, shards, r_old = len(adapters), len(shape.shard_sizes), module.rank
+            dev, dt = self.device, self.dtype
             a_stack = torch.zeros(
-                n,
-                shape.in_features,
-                shards * rank,
-                dtype=self.dtype,
-                device=self.device,
+                n, shape.in_features, shards * rank, dtype=dt, device=dev
             )
             b_stack = [
-                torch.zeros(n, rank, out, dtype=self.dtype, device=self.device)
+                torch.zeros(n, rank, out, dtype=dt, device=dev)
                 for out in shape.shard_sizes
             ]
             for k, adapter in present:
-                for shard, (a, b) in adapter.weights.weights[(layer, fused)].items():
+                fresh = adapter.weights.weights.get((layer, fused))
+                if fresh is None:  # stacked before: copy its old slot
+                    assert module.a is not None
+                    j, m = old_slots[adapter.name], min(r_old, rank)
+                    for sh in range(shards):  # its rank fits in both widths
+                        a_stack[k, :, sh * rank : sh * rank + m] = module.a[
+                            j, :, sh * r_old : sh * r_old + m
+                        ]
+                        b_stack[sh][k, :m] = module.b[sh][j, :m]
+                    continue
+                for sh, (a, b) in fresh.items():
                     r = a.shape[0]
-                    a_stack[k, :, shard * rank : shard * rank + r] = a.T
-                    b_stack[shard][k, :r, :] = b.T
+                    a_stack[k, :, sh * rank : sh * rank + r] = a.T
+                    b_stack[sh][k, :r, :] = b.T
             module.a, module.b, module.rank = a_stack, b_stack, rank
+        for adapter in adapters:
+            adapter.weights.weights.clear()  # held in the slots from now on
         self._adapters = OrderedDict((a.name, a) for a in adapters)
         self._slots = {a.name: k for k, a in enumerate(adapters)}
 
