@@ -1,7 +1,9 @@
-"""The examples run as written."""
+"""The examples run as written: the quickstart script, and every notebook under
+examples/, executed top to bottom on the real model."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "examples").glob("*.ipynb"))
+# Files a notebook writes into its working directory, and their smallest size.
+WRITES = {"observability.ipynb": {"observability.png": 10_000}}
 
 
 @pytest.mark.slow
@@ -26,11 +31,36 @@ def test_quickstart_runs(
     assert "requests: 4" in res.stdout
 
 
+def test_the_notebooks_are_found() -> None:
+    names = {p.name for p in NOTEBOOKS}
+    assert {
+        "quickstart.ipynb",
+        "caching.ipynb",
+        "quantization.ipynb",
+        "production_controls.ipynb",
+        "benchmarks.ipynb",
+        "observability.ipynb",
+    } <= names
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_stored_without_outputs(path: Path) -> None:
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    for i, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [], f"cell {i} has outputs"
+            assert cell["execution_count"] is None, f"cell {i} has an execution count"
+
+
 @pytest.mark.slow
-def test_observability_notebook_runs(engine: object, tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs(engine: object, path: Path, tmp_path: Path) -> None:
+    """Each notebook in a fresh kernel, in its own empty working directory; a
+    cell that raises fails the test (nbclient's CellExecutionError)."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    nb = nbformat.read(ROOT / "examples" / "observability.ipynb", as_version=4)
+    nb = nbformat.read(path, as_version=4)
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()  # fmt: skip
-    assert (tmp_path / "observability.png").stat().st_size > 10_000
+    for name, min_bytes in WRITES.get(path.name, {}).items():
+        assert (tmp_path / name).stat().st_size > min_bytes
