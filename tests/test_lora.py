@@ -166,6 +166,30 @@ def test_streaming_seeds_and_metrics_per_adapter(
     assert row["mean_e2e_s"] > 0
 
 
+def test_router_passes_adapters_per_request(
+    lora_engine: Engine, adapters: dict[str, Any]
+) -> None:
+    from llmprod.router import CascadePolicy, Router
+
+    # Every answer escalates, so each request runs on both names with its own
+    # adapter, the per-prompt list cut down to each engine call's requests.
+    router = Router(
+        {"small": lora_engine, "large": lora_engine}, CascadePolicy(min_confidence=1.0)
+    )
+    chosen: list[str | None] = ["a8", None, "c8"]
+    outs = router.generate(PROMPTS[:3], GREEDY, adapter=chosen)
+    assert all(o.flags["route"]["tried"] == ["small", "large"] for o in outs)
+    for i, name in enumerate(chosen):
+        ref = lora_engine.generate(PROMPTS[i], GREEDY, adapter=name)[0]
+        assert outs[i].token_ids == ref.token_ids, name
+    deltas, err = drain(router.stream(PROMPTS[0], GREEDY, adapter="a8"))
+    assert err is None
+    assert deltas[-1].completion is not None
+    assert deltas[-1].completion.token_ids == outs[0].token_ids
+    with pytest.raises(InvalidRequestError, match="2 entries for 3 prompts"):
+        router.generate(PROMPTS[:3], GREEDY, adapter=["a8", None])
+
+
 def test_prometheus_labels_adapters(lora_engine: Engine, adapters: Any) -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 

@@ -183,6 +183,15 @@ def engine_prompt(engine: Engine, prompt: Prompt | Sequence[Message]) -> Prompt:
 
 
 # -------------------------------------------------------------------- batch drivers
+def _for_indices(kwargs: dict[str, Any], indices: list[int]) -> dict[str, Any]:
+    """``kwargs`` for one engine call: a per-request ``adapter`` list is cut
+    down to the call's requests."""
+    adapter = kwargs.get("adapter")
+    if adapter is None or isinstance(adapter, str):
+        return kwargs
+    return {**kwargs, "adapter": [adapter[i] for i in indices]}
+
+
 def run(
     core: Core,
     engines: dict[str, Engine],
@@ -204,7 +213,8 @@ def run(
     while isinstance(step, EngineCall):
         engine = engines[step.route]
         prompts = [prompt_for(engine, i) for i in step.indices]
-        step = advance(core, engine.generate(prompts, step.params, **kwargs))
+        call = _for_indices(kwargs, step.indices)
+        step = advance(core, engine.generate(prompts, step.params, **call))
     return step
 
 
@@ -219,7 +229,8 @@ async def arun(
     while isinstance(step, EngineCall):
         engine = engines[step.route]
         prompts = [prompt_for(engine, i) for i in step.indices]
-        step = advance(core, await engine.agenerate(prompts, step.params, **kwargs))
+        call = _for_indices(kwargs, step.indices)
+        step = advance(core, await engine.agenerate(prompts, step.params, **call))
     return step
 
 

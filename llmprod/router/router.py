@@ -208,6 +208,7 @@ class Router:
         return_exceptions: bool = False,
         wait_timeout: float | None = None,
         grounding_context: str | None = None,
+        adapter: str | Sequence[str | None] | None = None,
     ) -> list[Completion]:
         """Like :meth:`Engine.generate`, each prompt answered by the engine the
         policy picks; prompts bound for the same engine run as one batch.
@@ -228,12 +229,18 @@ class Router:
             grounding_context: as in :meth:`Engine.generate`; every engine call
                 scores its answers (escalated ones too), so the answer returned
                 carries ``flags["grounding"]`` from the engine that gave it.
+            adapter: the LoRA adapter per request (one name, one per prompt, or
+                None), as in :meth:`Engine.generate`. Each engine a plan may
+                reach must have loaded it under that name
+                (:meth:`Engine.load_adapter`); one that has not fails that
+                request with an error naming ``adapter``.
 
         Returns:
             One Completion per prompt, in input order.
         """
         batch = inputs.as_prompt_list(prompts)
         plist = inputs.params_list(params, len(batch))
+        inputs.adapter_list(adapter, len(batch))
         core = self._core([self._query_of_prompt(p) for p in batch], plist)
         return escalation.run(
             core,
@@ -244,6 +251,7 @@ class Router:
             return_exceptions=return_exceptions,
             wait_timeout=wait_timeout,
             grounding_context=grounding_context,
+            adapter=adapter,
         )
 
     def chat(
@@ -261,7 +269,7 @@ class Router:
             params: one SamplingParams for all, or one per conversation.
             **kwargs: the keyword arguments of :meth:`generate` (``progress``,
                 ``tenant``, ``return_exceptions``, ``wait_timeout``,
-                ``grounding_context``).
+                ``grounding_context``, ``adapter``).
 
         Returns:
             A Completion, or a list of them.
@@ -287,6 +295,7 @@ class Router:
         tenant: str = "default",
         return_exceptions: bool = False,
         wait_timeout: float | None = None,
+        adapter: str | Sequence[str | None] | None = None,
     ) -> list[Completion]:
         """Async :meth:`generate` (each engine batch is awaited in turn).
 
@@ -296,12 +305,14 @@ class Router:
             tenant: who is asking.
             return_exceptions: as in :meth:`Engine.agenerate`.
             wait_timeout: as in :meth:`Engine.agenerate`, for each engine call.
+            adapter: as in :meth:`generate`.
 
         Returns:
             One Completion per prompt, in input order.
         """
         batch = inputs.as_prompt_list(prompts)
         plist = inputs.params_list(params, len(batch))
+        inputs.adapter_list(adapter, len(batch))
         core = self._core([self._query_of_prompt(p) for p in batch], plist)
         return await escalation.arun(
             core,
@@ -310,6 +321,7 @@ class Router:
             tenant=tenant,
             return_exceptions=return_exceptions,
             wait_timeout=wait_timeout,
+            adapter=adapter,
         )
 
     def stream(
@@ -319,6 +331,7 @@ class Router:
         *,
         tenant: str = "default",
         wait_timeout: float | None = None,
+        adapter: str | None = None,
     ) -> Iterator[Delta]:
         """Like :meth:`Engine.stream`, from the engine the policy picks.
 
@@ -334,6 +347,7 @@ class Router:
             params: sampling parameters.
             tenant: who is asking.
             wait_timeout: as in :meth:`Engine.stream`, for each engine call.
+            adapter: as in :meth:`generate`.
 
         Returns:
             An iterator of Deltas; exactly one, the last, has ``finish_reason``.
@@ -341,7 +355,12 @@ class Router:
         sp = params or SamplingParams()
         core = self._core([self._query_of_any(prompt)], [sp])
         return escalation.stream(
-            core, self.engines, prompt, tenant=tenant, wait_timeout=wait_timeout
+            core,
+            self.engines,
+            prompt,
+            tenant=tenant,
+            wait_timeout=wait_timeout,
+            adapter=adapter,
         )
 
     async def astream(
@@ -351,6 +370,7 @@ class Router:
         *,
         tenant: str = "default",
         wait_timeout: float | None = None,
+        adapter: str | None = None,
     ) -> AsyncIterator[Delta]:
         """Async :meth:`stream`, with the same cascade behaviour.
 
@@ -359,6 +379,7 @@ class Router:
             params: sampling parameters.
             tenant: who is asking.
             wait_timeout: as in :meth:`Engine.astream`, for each engine call.
+            adapter: as in :meth:`generate`.
 
         Yields:
             Deltas; exactly one, the last, has ``finish_reason``.
@@ -366,7 +387,12 @@ class Router:
         sp = params or SamplingParams()
         core = self._core([self._query_of_any(prompt)], [sp])
         deltas = escalation.astream(
-            core, self.engines, prompt, tenant=tenant, wait_timeout=wait_timeout
+            core,
+            self.engines,
+            prompt,
+            tenant=tenant,
+            wait_timeout=wait_timeout,
+            adapter=adapter,
         )
         try:
             async for d in deltas:
