@@ -323,6 +323,9 @@ class EngineConfig:
     "num_speculative_tokens": 4, ...}`` / a
     :class:`llmprod.sched.speculative.SpeculativeConfig`
     (docs/speculative-decoding.md)."""
+    tensor_parallel_size: int = 1
+    """Processes the model is split over (tensor parallelism, docs/scaling.md):
+    this one and N-1 workers it starts; the native path, float weights."""
     max_loras: int = 4
     """LoRA adapters held at once (``Engine.load_adapter``); loading one more
     evicts the least recently used adapter with no request in flight
@@ -372,6 +375,7 @@ class EngineConfig:
         if not (_is_int(self.seed) and lo <= self.seed < hi):
             raise _fail("seed", self.seed, "must be an int in [-2**63, 2**64)")
         _check_int("num_threads", self.num_threads, 1, optional=True)
+        _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
         _check_int("max_loras", self.max_loras, 1)
         _check_int("max_lora_rank", self.max_lora_rank, 1)
         _check_bool(

@@ -97,3 +97,8 @@ class GuardBlockedError(InvalidRequestError):
         super().__init__(message, field="prompt")
         self.guard = guard
         self.findings = findings or {}
+
+
+class TensorParallelError(RequestFailedError):
+    """A tensor-parallel worker died or the ranks fell out of step: the
+    engine's requests in flight fail with it and the engine stops."""

@@ -102,6 +102,8 @@ class Admission:
         self.answers = answers
         self.is_closed = False
         """Set by the engine when it closes: new prompts are refused."""
+        self.closed_because: BaseException | None = None
+        """Why the engine stopped taking requests, when it stopped on a failure."""
         self._ids = itertools.count()
         self._id_prefix = uuid.uuid4().hex[:8]
 
@@ -227,7 +229,10 @@ class Admission:
         """A validated request, before limits: raises InvalidRequestError (or
         EngineClosedError), with no side effect."""
         if self.is_closed:
-            raise EngineClosedError("the engine is closed")
+            why = self.closed_because
+            raise EngineClosedError(
+                "the engine is closed" + (f" ({why})" if why is not None else "")
+            )
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(
                 f"params must be SamplingParams, got {type(params).__name__}", "params"

@@ -13,12 +13,13 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 
 from llmprod.engine.output import Handle, OutputProcessor, failed
-from llmprod.errors import RequestFailedError
+from llmprod.errors import RequestFailedError, TensorParallelError
 from llmprod.exec.runner import ModelRunner, StepResult
 from llmprod.exec.threads import run_on_compute_thread
 from llmprod.kv.manager import KVCacheManager
@@ -60,6 +61,11 @@ class EngineCore:
         self.output = output
         self.metrics = metrics
         self.num_threads = num_threads
+        self.dead: BaseException | None = None
+        """Set when the loop stopped for good (a tensor-parallel worker died)."""
+        self.on_dead: Callable[[BaseException], None] = lambda exc: None
+        """Called once, on the loop's thread, when it stops for good (before it
+        fails what is left in the inbox)."""
         self.handles: dict[str, Handle] = {}
         """Requests in the loop, by id (only the loop thread touches it)."""
         self._inbox: queue.SimpleQueue[_Message] = queue.SimpleQueue()
@@ -105,6 +111,9 @@ class EngineCore:
                 continue
             try:
                 self.step()
+                if self.dead is not None:
+                    self._die()
+                    return
             except Exception:
                 logger.exception("engine step failed outside the model")
                 for h in list(self.handles.values()):
@@ -154,6 +163,10 @@ class EngineCore:
         rng = _generator_states(out)
         try:
             result = self._execute(out)
+        except TensorParallelError as exc:
+            # The ranks may be out of step: nothing more can run.
+            self.dead = exc
+            return
         except Exception as exc:
             for gen, state in rng:
                 gen.set_state(state)
@@ -248,6 +261,23 @@ class EngineCore:
                     self.scheduler.finish(req, reason)
                     self._end(h, reason, last_token_ids=[token])
                     break
+
+    def _die(self) -> None:
+        """Fail every request (in the loop and in the inbox) with the error
+        that stopped the loop."""
+        err = self.dead
+        assert err is not None
+        logger.error("the engine stops: %s", err)
+        self.on_dead(err)
+        for h in list(self.handles.values()):
+            self._fail(h, err)
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if msg[0] == "add":
+                self.output.fail(msg[1], err)
 
     # ------------------------------------------------------------------ endings
     def _end(

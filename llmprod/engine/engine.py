@@ -27,7 +27,7 @@ from llmprod.engine import inputs, report
 from llmprod.engine.admission import Admission
 from llmprod.engine.core import EngineCore
 from llmprod.engine.inputs import Message, Prompt
-from llmprod.engine.loading import load_model, speed_up
+from llmprod.engine.loading import load_model, speed_up, start_tensor_parallel
 from llmprod.engine.output import Handle, OutputProcessor
 from llmprod.errors import (
     EngineClosedError,
@@ -35,6 +35,7 @@ from llmprod.errors import (
     UnsupportedModelError,
 )
 from llmprod.exec.memory import release_freed_memory
+from llmprod.exec.parallel import TensorParallelGroup, shard_llama, shard_plan
 from llmprod.exec.runner import ModelRunner
 from llmprod.exec.threads import run_in_own_thread
 from llmprod.kv.manager import KVCacheManager
@@ -78,8 +79,11 @@ class Engine:
         model_name: str,
         quantization: str | None = None,
         quantization_source: str | None = None,
+        tp: TensorParallelGroup | None = None,
     ) -> None:
         self.model = model
+        self.tp = tp
+        """The tensor-parallel workers and their group (None: one process)."""
         self.tokenizer = tokenizer
         self.hf_config = hf_config
         self.model_path = model_path
@@ -181,6 +185,11 @@ class Engine:
             config.num_threads,
         )
         """The step loop; it owns the scheduler, the KV cache and the runner."""
+        self.core.on_dead = self._stopped
+        if tp is not None:
+            tp.setup(self.num_blocks, self.block_size)
+            runner.tp = tp
+        self._dead: BaseException | None = None
         self._closed = False
         self._close_lock = threading.Lock()
         self.core.start()
@@ -240,17 +249,29 @@ class Engine:
     def _load(
         cls, model: str | Path, config: EngineConfig, device: torch.device
     ) -> Engine:
-        m = load_model(model, config, device)
-        return cls(
-            m.model,
-            m.tokenizer,
-            m.hf_config,
-            m.path,
-            config,
-            str(model),
-            m.quantization,
-            m.quantization_source,
-        )
+        tp = None
+        if config.tensor_parallel_size > 1:
+            tp = start_tensor_parallel(model, config, device)
+        try:
+            m = load_model(model, config, device)
+            if tp is not None:
+                plan = shard_plan(m.hf_config, tp.size, 0)
+                shard_llama(m.model, plan, tp.comm)
+            return cls(
+                m.model,
+                m.tokenizer,
+                m.hf_config,
+                m.path,
+                config,
+                str(model),
+                m.quantization,
+                m.quantization_source,
+                tp,
+            )
+        except BaseException:
+            if tp is not None:
+                tp.close()
+            raise
 
     # ------------------------------------------------------------------ public API
     def generate(
@@ -562,6 +583,8 @@ class Engine:
             self._closed = True
             self.admission.is_closed = True
         self.core.shutdown()
+        if self.tp is not None:
+            self.tp.close()
         if self.answers is not None:
             self.answers.close()
         self.runner.kv_caches = []
@@ -579,6 +602,14 @@ class Engine:
     @property
     def is_closed(self) -> bool:
         return self._closed
+
+    def _stopped(self, exc: BaseException) -> None:
+        """The step loop stopped for good (a tensor-parallel worker died): no
+        new request is taken; ``close()`` still releases the rest."""
+        with self._close_lock:
+            self._dead = exc
+            self.admission.closed_because = exc
+            self.admission.is_closed = True
 
     def __enter__(self) -> Engine:
         return self
@@ -598,8 +629,11 @@ class Engine:
         h = self.output.make_handle(req, sink, streaming)
         cached = self.admission.lookup(req)
         with self._close_lock:
-            if self._closed:
-                raise EngineClosedError("the engine is closed")
+            if self._closed or self._dead is not None:
+                raise EngineClosedError(
+                    "the engine is closed"
+                    + (f" ({self._dead})" if self._dead is not None else "")
+                )
             if cached is None and req.adapter is not None:
                 lora = self.admission.lora
                 assert lora is not None and req.adapter_hash is not None

@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,9 @@ from llmprod.layers.linear import (
 from llmprod.layers.screened_head import ScreenedGreedyHead, screened_head_for
 from llmprod.models.loader import build_model, load_config, pick_dtype
 from llmprod.models.registry import resolve_model
+
+if TYPE_CHECKING:
+    from llmprod.exec.parallel import TensorParallelGroup
 
 logger = logging.getLogger("llmprod")
 
@@ -82,6 +85,33 @@ def load_model(
             source = "quantized-at-load"
     tokenizer = AutoTokenizer.from_pretrained(path)
     return LoadedModel(nn_model, tokenizer, hf_config, path, quantization, source)
+
+
+def start_tensor_parallel(
+    model: str | Path, config: EngineConfig, device: torch.device
+) -> TensorParallelGroup:
+    """Check that the model splits ``tensor_parallel_size`` ways, then start
+    the workers (they load their shards while this process loads its own)."""
+    from llmprod.exec import parallel
+    from llmprod.models.loader import choose_impl
+
+    size = config.tensor_parallel_size
+    path = resolve_model(model)
+    hf_config = load_config(path)
+    parallel.check_supported(choose_impl(hf_config, config.model_impl),
+                             config.quantization)  # fmt: skip
+    parallel.shard_plan(hf_config, size, 0)
+    dtype = pick_dtype(config.dtype, device)
+    spec = parallel.WorkerSpec(
+        path=str(path),
+        dtype=config.dtype,
+        device=device.type,
+        linear_backend=linear_backend(config, device, dtype),
+        attention_backend=config.attention_backend,
+        num_threads=config.num_threads or 1,
+        timeout_s=parallel.DEFAULT_TIMEOUT_S,
+    )
+    return parallel.TensorParallelGroup(size, spec, device)
 
 
 @dataclass(slots=True)

@@ -52,6 +52,11 @@ def snapshot(engine: Engine) -> MetricsSnapshot:
             "quantization": engine.quantization,
             "quantization_source": engine.quantization_source,
             "weights_bytes": dict(engine.weight_bytes),
+            "tensor_parallel": {
+                "size": engine.tp.size if engine.tp is not None else 1,
+                "weight_bytes_per_rank": sum(engine.weight_bytes.values()),
+                "kv_budget_bytes_per_rank": kv.num_blocks * engine.kv_block_bytes,
+            },
             "model_path": str(engine.model_path),
         },
     )

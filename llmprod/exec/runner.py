@@ -10,6 +10,7 @@ import torch
 
 from llmprod.config import CacheConfig, parse_bytes
 from llmprod.errors import InvalidConfigError
+from llmprod.exec.parallel import TensorParallelGroup
 from llmprod.exec.sampler import Sampler, SamplerOutput, make_logprob
 from llmprod.exec.speculative import verify_greedy, verify_sampled
 from llmprod.layers.attention import AttentionBackend
@@ -105,6 +106,9 @@ class ModelRunner:
         shape = (2, num_blocks, block_size, kv_heads, head_dim)
         self.kv_caches = zeroed_kv_caches(num_layers, shape, dtype, device)
         self.sampler = Sampler(seed, device)
+        self.tp: TensorParallelGroup | None = None
+        """The tensor-parallel group: each step's inputs go to its workers
+        before this rank runs its own shard."""
         self.lora: LoRAManager | None = None
         """The engine's LoRA adapters, once one is loaded: each step holds their
         slots steady and maps its tokens onto them."""
@@ -189,7 +193,15 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> StepResult:
         input_ids, positions, meta = self.prepare(out)
         lora = self.lora
-        if lora is None or all(e.request.adapter is None for e in out.scheduled):
+        if self.tp is not None:
+            try:
+                self.tp.step((input_ids, positions, meta))
+                hidden = self.model(
+                    input_ids, positions, self.kv_caches, meta, self.backend
+                )
+            except Exception as exc:
+                raise self.tp.error(exc) from exc
+        elif lora is None or all(e.request.adapter is None for e in out.scheduled):
             hidden = self.model(
                 input_ids, positions, self.kv_caches, meta, self.backend
             )

@@ -102,6 +102,11 @@ class LoRAManager:
                 "model with model_impl='native'",
                 "model_impl",
             )
+        if getattr(model, "tensor_parallel", None) is not None:
+            raise UnsupportedModelError(
+                "LoRA adapters are not supported with tensor_parallel_size > 1",
+                "tensor_parallel_size",
+            )
         self.max_loras = max_loras
         self.max_lora_rank = max_lora_rank
         self.dtype = dtype
