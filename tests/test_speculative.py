@@ -199,3 +199,115 @@ def test_speculative_config_errors_name_the_field(make_engine: Any) -> None:
         with pytest.raises(InvalidConfigError) as err:
             make_engine(speculative=bad)
         assert err.value.field == name, bad
+
+
+# ------------------------------------------------------------------ draft model
+# The draft: the same SmolLM2 in its GGUF file's own 4-bit weights, drafting for
+# the float32 model (the same tokenizer; guesses mostly right, each cheaper).
+DRAFT = {
+    "method": "draft",
+    "draft_model": "smollm2-135m",
+    "draft_quantization": "gguf",
+    "num_speculative_tokens": 4,
+}
+OPEN = [
+    [
+        {
+            "role": "user",
+            "content": "Write a short story about a dragon who learns to cook.",
+        }
+    ],
+    [{"role": "user", "content": "Explain photosynthesis to a child."}],
+    COPY,
+]
+
+
+@pytest.fixture(scope="module")
+def draft_engine() -> Iterator[Engine]:
+    eng = Engine.from_pretrained(
+        "smollm2-135m", kv_cache_memory="128MiB", speculative=DRAFT
+    )
+    yield eng
+    assert_pool_whole(eng)
+    eng.close()
+
+
+def test_draft_model_guesses_open_text_and_gives_the_same_tokens(
+    engine: Engine, draft_engine: Engine
+) -> None:
+    for conv in OPEN:
+        want = engine.chat(conv, _greedy(40))
+        got = draft_engine.chat(conv, _greedy(40))
+        assert got.token_ids == want.token_ids, conv
+        s = got.metrics["speculative"]
+        # Open-ended text too (where prompt lookup finds little): most guesses kept.
+        assert s["acceptance_rate"] > 0.5 and s["mean_accepted_length"] > 2.5, s
+    report = draft_engine.metrics().engine["draft"]
+    assert report["model"] == "smollm2-135m" and report["quantization"] == "gguf"
+    assert report["weights_bytes"]["int4"] > 0 and report["forwards"] > 0
+    assert engine.metrics().engine["draft"] is None
+
+
+def test_draft_model_stops_streams_and_seeds(
+    engine: Engine, draft_engine: Engine
+) -> None:
+    p = _greedy(48, stop=["wound the"])
+    want, got = engine.chat(COPY, p), draft_engine.chat(COPY, p)
+    assert (got.token_ids, got.text, got.stop_reason) == (
+        want.token_ids,
+        want.text,
+        want.stop_reason,
+    )
+    deltas = list(draft_engine.stream(draft_engine.render_chat(OPEN[0]), _greedy(24)))
+    assert [t for d in deltas for t in d.token_ids] == engine.chat(
+        OPEN[0], _greedy(24)
+    ).token_ids
+    sampled = SamplingParams(max_tokens=24, temperature=0.8, seed=5)
+    a, b = draft_engine.chat(OPEN[1], sampled), draft_engine.chat(OPEN[1], sampled)
+    assert a.token_ids == b.token_ids and a.metrics["speculative"]["drafted_tokens"] > 0
+
+
+def test_draft_model_with_a_starved_kv_cache_and_several_requests(
+    engine: Engine, make_engine: Any
+) -> None:
+    """Four requests drafting at once in a pool too small for all of them: some
+    are preempted and recomputed, their lanes taken back and rebuilt, and every
+    request still gets the tokens of plain decoding."""
+    # Three short prompts fill 16 of 18 blocks; growing by 24 tokens each they
+    # need 9 more; the long one waits.
+    eng = make_engine(
+        num_kv_blocks=18,
+        block_size=8,
+        speculative={**DRAFT, "max_num_seqs": 4},
+    )
+    short = [engine.render_chat(c) for c in OPEN[:2]]
+    prompts = [*short, short[0][:-3], engine.render_chat(COPY)]
+    p = _greedy(24, ignore_eos=True)
+    outs = eng.generate(prompts, p)
+    assert eng.metrics().scheduler["preemptions"] > 0
+    assert [o.token_ids for o in outs] == [
+        o.token_ids for o in engine.generate(prompts, p)
+    ]
+    assert eng.metrics().scheduler["speculative"]["accepted_tokens"] > 0
+
+
+def test_draft_config_errors_name_the_field(make_engine: Any) -> None:
+    for bad, name in (
+        ({"method": "draft"}, "speculative.draft_model"),
+        ({"draft_model": "smollm2-135m"}, "speculative.draft_model"),
+        ({**DRAFT, "draft_quantization": "nf4"}, "speculative.draft_quantization"),
+        ({**DRAFT, "draft_model": "no-such-model"}, "speculative.draft_model"),
+    ):
+        with pytest.raises(InvalidConfigError) as err:
+            make_engine(speculative=bad)
+        assert err.value.field == name, bad
+
+
+@pytest.mark.slow
+def test_a_draft_with_another_tokenizer_is_refused_before_loading(
+    make_engine: Any,
+) -> None:
+    with pytest.raises(InvalidConfigError, match="another tokenizer") as err:
+        make_engine(speculative={**DRAFT, "draft_model": "gemma3-270m",
+                                 "draft_quantization": None})  # fmt: skip
+    assert err.value.field == "speculative.draft_model"

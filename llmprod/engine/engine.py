@@ -27,13 +27,20 @@ from llmprod.engine import inputs, report
 from llmprod.engine.admission import Admission
 from llmprod.engine.core import EngineCore
 from llmprod.engine.inputs import Message, Prompt
-from llmprod.engine.loading import load_model, speed_up, start_tensor_parallel
+from llmprod.engine.loading import (
+    DraftModel,
+    load_draft,
+    load_model,
+    speed_up,
+    start_tensor_parallel,
+)
 from llmprod.engine.output import Handle, OutputProcessor
 from llmprod.errors import (
     EngineClosedError,
     InvalidRequestError,
     UnsupportedModelError,
 )
+from llmprod.exec.draft import DraftProposer
 from llmprod.exec.memory import release_freed_memory
 from llmprod.exec.parallel import TensorParallelGroup, shard_llama, shard_plan
 from llmprod.exec.runner import ModelRunner
@@ -80,6 +87,7 @@ class Engine:
         quantization: str | None = None,
         quantization_source: str | None = None,
         tp: TensorParallelGroup | None = None,
+        draft: DraftModel | None = None,
     ) -> None:
         self.model = model
         self.tp = tp
@@ -172,9 +180,28 @@ class Engine:
             self.recorder,
             self.answers,
         )
-        scheduler = Scheduler(
-            config.scheduler_config, kv, SpeculativeConfig.parse(config.speculative)
-        )
+        spec = SpeculativeConfig.parse(config.speculative)
+        self.draft: DraftProposer | None = None
+        """The draft model's proposer (``speculative`` with ``method="draft"``)."""
+        if draft is not None:
+            assert spec is not None
+            self.draft = DraftProposer(
+                draft.loaded.model,  # type: ignore[arg-type]
+                spec.max_num_seqs,
+                self.num_blocks,
+                self.block_size,
+                self.device,
+                draft.dtype,
+                self.backend,
+                draft.fast.greedy_head,
+                self.vocab_size,
+                self.eos_token_ids,
+            )
+            self.draft_weight_bytes = weight_bytes_by_format(
+                draft.loaded.model, draft.fast.greedy_head
+            )
+            """The draft model's resident weight bytes by format."""
+        scheduler = Scheduler(config.scheduler_config, kv, spec, self.draft)
         scheduler.max_model_len = self.max_model_len
         self.core = EngineCore(
             scheduler,
@@ -249,6 +276,7 @@ class Engine:
     def _load(
         cls, model: str | Path, config: EngineConfig, device: torch.device
     ) -> Engine:
+        draft = load_draft(model, config, device)
         tp = None
         if config.tensor_parallel_size > 1:
             tp = start_tensor_parallel(model, config, device)
@@ -267,6 +295,7 @@ class Engine:
                 m.quantization,
                 m.quantization_source,
                 tp,
+                draft,
             )
         except BaseException:
             if tp is not None:

@@ -254,3 +254,60 @@ def quantize_once(
     quant.save_quantized(model, saved, source=source)
     logger.info("int8 (%s) quantized; saved to %s", ran, saved)
     return str(ran)
+
+
+@dataclass(slots=True)
+class DraftModel:
+    """A loaded draft model for speculative decoding, sped up like the target."""
+
+    loaded: LoadedModel
+    fast: SpeedUps
+    dtype: torch.dtype
+
+
+def load_draft(
+    model: str | Path, config: EngineConfig, device: torch.device
+) -> DraftModel | None:
+    """Load ``speculative.draft_model`` (None without ``method="draft"``), after
+    checking, from the tokenizers alone, that it shares the target's vocabulary."""
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    from llmprod.sched.speculative import SpeculativeConfig
+
+    spec = SpeculativeConfig.parse(config.speculative)
+    if spec is None or spec.method != "draft":
+        return None
+    assert spec.draft_model is not None
+    name = f"speculative.draft_model={spec.draft_model!r}"
+    try:
+        draft_path = resolve_model(spec.draft_model)
+    except InvalidConfigError as exc:
+        raise InvalidConfigError(f"{name}: {exc}", "speculative.draft_model") from exc
+    mine = AutoTokenizer.from_pretrained(resolve_model(model)).get_vocab()
+    theirs = AutoTokenizer.from_pretrained(draft_path).get_vocab()
+    if mine != theirs:
+        differ = len(set(mine.items()) ^ set(theirs.items()))
+        raise InvalidConfigError(
+            f"{name} has another tokenizer ({len(theirs)} tokens against the "
+            f"target's {len(mine)}, {differ} entries differ); a draft model must "
+            "share the target's vocabulary",
+            "speculative.draft_model",
+        )
+    draft_config = replace(
+        config,
+        dtype=spec.draft_dtype or config.dtype,
+        quantization=spec.draft_quantization,
+        speculative=None,
+        tensor_parallel_size=1,
+    )
+    fields = {"quantization": "draft_quantization", "dtype": "draft_dtype"}
+    try:
+        loaded = load_model(draft_path, draft_config, device)
+        dtype = pick_dtype(draft_config.dtype, device)
+        fast = speed_up(loaded.model, draft_config, device, dtype)
+    except InvalidConfigError as exc:
+        field = fields.get(exc.field or "", "draft_model")
+        raise InvalidConfigError(f"{name}: {exc}", f"speculative.{field}") from exc
+    return DraftModel(loaded, fast, dtype)

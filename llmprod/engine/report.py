@@ -3,7 +3,7 @@ plus the KV cache, scheduler, answer caches, memory and the engine's setup."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -58,9 +58,26 @@ def snapshot(engine: Engine) -> MetricsSnapshot:
                 "kv_budget_bytes_per_rank": kv.num_blocks * engine.kv_block_bytes,
             },
             "model_path": str(engine.model_path),
+            "draft": _draft_report(engine),
         },
     )
     if engine.throttle is not None:
         for tenant, usage in engine.throttle.snapshot().items():
             snap.tenants.setdefault(tenant, {})["throttle"] = usage
     return snap
+
+
+def _draft_report(engine: Engine) -> dict[str, Any] | None:
+    """The draft model of draft speculation (None without one)."""
+    draft = engine.draft
+    if draft is None:
+        return None
+    spec = engine.config.speculative
+    return {
+        "model": getattr(spec, "draft_model", None),
+        "quantization": getattr(spec, "draft_quantization", None),
+        "weights_bytes": dict(engine.draft_weight_bytes),
+        "kv_bytes": draft.kv_bytes,
+        "lanes": len(draft.lanes),
+        "forwards": draft.forwards,
+    }

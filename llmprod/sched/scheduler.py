@@ -16,6 +16,7 @@ from llmprod.sched.fair_queue import FairQueue
 from llmprod.sched.request import Request, RequestStatus
 from llmprod.sched.speculative import (
     NgramProposer,
+    Proposer,
     SpecState,
     SpeculativeConfig,
     eligible,
@@ -128,9 +129,12 @@ class Scheduler:
         config: SchedulerConfig,
         kv: KVCacheManager,
         speculative: SpeculativeConfig | None = None,
+        proposer: Proposer | None = None,
     ) -> None:
         self.speculative = speculative
-        self.proposer = NgramProposer(speculative) if speculative else None
+        self.proposer: Proposer | None = proposer
+        if speculative is not None and proposer is None:
+            self.proposer = NgramProposer(speculative)
         self.max_model_len: int | None = None
         """Set by the engine: drafts never run past it."""
         self.max_num_seqs = config.max_num_seqs
@@ -328,7 +332,7 @@ class Scheduler:
         k = min(cfg.num_speculative_tokens, room, budget)
         if k <= 0:
             return []
-        return self.proposer.propose(req.token_ids, k)
+        return self.proposer.draft(req, k)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

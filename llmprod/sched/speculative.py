@@ -41,19 +41,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from llmprod.errors import InvalidConfigError
 from llmprod.sched.request import Request
 
 __all__ = [
     "NgramProposer",
+    "Proposer",
     "SpecState",
     "SpeculativeConfig",
     "eligible",
 ]
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft")
+DRAFT_QUANT = (None, "int8", "int8-wo", "int4", "gguf")
+DRAFT_DTYPES = (None, "auto", "float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +68,8 @@ class SpeculativeConfig:
     """
 
     method: str = "ngram"
-    """"ngram" (prompt lookup; no second model)."""
+    """"ngram" (prompt lookup; no second model) or "draft" (a draft model,
+    ``draft_model``, guesses)."""
     num_speculative_tokens: int = 4
     """Guesses verified per step (k): a step runs k + 1 positions of the request."""
     prompt_lookup_max: int = 3
@@ -82,6 +86,15 @@ class SpeculativeConfig:
     ``window`` guesses) stops drafting for ``backoff_steps`` steps."""
     window: int = 32
     backoff_steps: int = 16
+    draft_model: str | None = None
+    """With ``method="draft"``: the draft model, a registered name, a folder or
+    a GGUF file, with the target's tokenizer (for example the target itself in
+    int8 or 4 bits, or a smaller model of its family)."""
+    draft_quantization: str | None = None
+    """The draft's weights: None (as loaded), "int8", "int8-wo", "int4" or
+    "gguf" (a GGUF file's own Q4 weights)."""
+    draft_dtype: str | None = None
+    """The draft's float dtype (None: the engine's)."""
 
     def __post_init__(self) -> None:
         def bad(name: str, value: Any, rule: str) -> InvalidConfigError:
@@ -91,6 +104,23 @@ class SpeculativeConfig:
 
         if self.method not in METHODS:
             raise bad("method", self.method, f"must be one of {METHODS}")
+        if self.method == "draft":
+            if not isinstance(self.draft_model, str) or not self.draft_model:
+                raise bad(
+                    "draft_model",
+                    self.draft_model,
+                    "must name the draft model (a registered name, a folder or a "
+                    'GGUF file) with method="draft"',
+                )
+        elif self.draft_model is not None:
+            raise bad(
+                "draft_model", self.draft_model, 'is read only with method="draft"'
+            )
+        if self.draft_quantization not in DRAFT_QUANT:
+            raise bad("draft_quantization", self.draft_quantization,
+                      f"must be one of {DRAFT_QUANT}")  # fmt: skip
+        if self.draft_dtype not in DRAFT_DTYPES:
+            raise bad("draft_dtype", self.draft_dtype, f"must be one of {DRAFT_DTYPES}")
         for name, lo in (
             ("num_speculative_tokens", 1),
             ("prompt_lookup_max", 1),
@@ -179,12 +209,23 @@ def eligible(request: Request) -> bool:
     )
 
 
+class Proposer(Protocol):
+    """Who guesses a decoding request's next tokens."""
+
+    def draft(self, req: Request, k: int) -> list[int]:
+        """Up to ``k`` guessed tokens following ``req.token_ids``."""
+        ...
+
+
 class NgramProposer:
     """Prompt lookup: guess that the text goes on as it did after the latest
     earlier occurrence of its last n tokens."""
 
     def __init__(self, cfg: SpeculativeConfig) -> None:
         self.cfg = cfg
+
+    def draft(self, req: Request, k: int) -> list[int]:
+        return self.propose(req.token_ids, k)
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
         """Up to ``k`` guessed tokens following ``tokens`` ([] when no suffix of
