@@ -1,4 +1,5 @@
-"""Speculative decoding (n-gram prompt lookup) against plain decoding, in one run.
+"""Speculative decoding (n-gram prompt lookup, or a draft model) against plain
+decoding, in one run.
 
 Two kinds of request, greedy, EOS ignored:
 
@@ -15,6 +16,12 @@ for token (greedy: they must be equal).
 
     python -m benchmarks.speculative --batch-sizes 1,2,4,8 --repeats 3
     python -m benchmarks.speculative --quantization gguf --batch-sizes 1
+    python -m benchmarks.speculative --method draft --draft-quantization gguf \
+        --batch-sizes 1 --k 6
+
+With ``--method draft`` the draft is SmolLM2-135M itself with
+``--draft-quantization`` weights (its GGUF file's own 4-bit ones, or int8),
+drafting for the target in ``--quantization`` (float32 by default).
 """
 
 from __future__ import annotations
@@ -84,6 +91,12 @@ def measure(case: str, args: argparse.Namespace) -> dict[str, Any]:
             "num_speculative_tokens": args.k,
             "max_num_seqs": max(int(batch), 1),
         }
+        if args.method == "draft":
+            kw["speculative"].update(
+                method="draft",
+                draft_model="smollm2-135m",
+                draft_quantization=args.draft_quantization,
+            )
     eng = Engine.from_pretrained("smollm2-135m", **kw)
     prompts = (copy_prompts if kind == "copy" else open_prompts)(
         eng.tokenizer, int(batch)
@@ -116,6 +129,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quantization", default=None)
+    ap.add_argument("--method", default="ngram", choices=["ngram", "draft"])
+    ap.add_argument("--draft-quantization", default="gguf")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # child process
     args = ap.parse_args()
     if args.case:
@@ -137,12 +152,19 @@ def main() -> None:
     ]
     if args.quantization:
         passthrough += ["--quantization", args.quantization]
+    passthrough += ["--method", args.method, "--draft-quantization",
+                    args.draft_quantization]  # fmt: skip
     runs = run_each_in_own_process(
         "benchmarks.speculative", "--case", cases, args.repeats, passthrough
     )
     q = args.quantization or "fp32"
+    how = (
+        "prompt lookup"
+        if args.method == "ngram"
+        else (f"draft: smollm2-135m {args.draft_quantization}")
+    )
     print(
-        f"{q}, {args.new_tokens} new tokens per request (greedy, EOS ignored), "
+        f"{q}, {how}, {args.new_tokens} new tokens per request (greedy, EOS ignored), "
         f"k={args.k}, {args.threads} threads, median of {args.repeats}, "
         "one process per run"
     )
