@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-HOSTS = ("langchain_core", "llama_index", "lm_eval")
+HOSTS = ("langchain_core", "llama_index", "lm_eval", "ray", "fastapi", "openai")
 
 
 def test_importing_llmprod_imports_no_integration_host() -> None:
@@ -41,3 +41,24 @@ def test_a_missing_host_package_names_the_extra_to_install() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert "pip install 'llmprod[langchain]'" in out.stdout
+
+
+def test_the_ray_integration_without_ray_names_the_extra() -> None:
+    # As above, a finder that refuses ray stands in for an install without it.
+    code = (
+        "import sys\n"
+        "class Refuse:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'ray':\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Refuse())\n"
+        "import llmprod, llmprod.integrations\n"
+        "try:\n"
+        "    import llmprod.integrations.ray\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert "pip install 'llmprod[ray]'" in out.stdout
