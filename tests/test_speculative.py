@@ -311,3 +311,75 @@ def test_a_draft_with_another_tokenizer_is_refused_before_loading(
         make_engine(speculative={**DRAFT, "draft_model": "gemma3-270m",
                                  "draft_quantization": None})  # fmt: skip
     assert err.value.field == "speculative.draft_model"
+
+
+# ------------------------------------------------------- with structured output
+RECORD = {
+    "type": "object",
+    "properties": {
+        "keeper": {"type": "string"},
+        "time": {"type": "string"},
+        "tasks": {"type": "array", "items": {"type": "string"}, "maxItems": 4},
+    },
+    "required": ["keeper", "time", "tasks"],
+    "additionalProperties": False,
+}
+DOC = '{"keeper": "the lighthouse keeper", "time": "six", "tasks": ["lit the lamp", "wound the clock", "wrote one line in the log"]}'
+JSON_COPY = [{"role": "user", "content": f"Return this JSON exactly: {DOC}\n{DOC}"}]
+
+
+def _json_params(**kw: Any) -> SamplingParams:
+    from llmprod.structured import StructuredOutputs
+
+    kw.setdefault("temperature", 0)
+    return SamplingParams(
+        max_tokens=64, structured=StructuredOutputs(json=RECORD), **kw
+    )
+
+
+@pytest.mark.parametrize("which", ["ngram", "draft"])
+def test_structured_requests_speculate_under_their_grammar(
+    engine: Engine, spec_engine: Engine, draft_engine: Engine, which: str
+) -> None:
+    import json
+
+    import jsonschema
+
+    pytest.importorskip("llguidance")
+    eng = spec_engine if which == "ngram" else draft_engine
+    want = engine.chat(JSON_COPY, _json_params())
+    got = eng.chat(JSON_COPY, _json_params())
+    assert got.token_ids == want.token_ids
+    jsonschema.validate(json.loads(got.text), RECORD)
+    s = got.metrics["speculative"]
+    assert s["accepted_tokens"] > 0, s
+    # Sampled, seeded: valid, reproducible.
+    sampled = _json_params(temperature=0.9, seed=3)
+    a, b = eng.chat(JSON_COPY, sampled), eng.chat(JSON_COPY, sampled)
+    assert a.token_ids == b.token_ids
+    jsonschema.validate(json.loads(a.text), RECORD)
+
+
+def test_guesses_the_grammar_forbids_are_refused(engine: Engine) -> None:
+    """A guessed run under a grammar: each position masked as the grammar stands
+    after the guesses before it; the run stops at the first forbidden guess and
+    the matcher is left where it was."""
+    pytest.importorskip("llguidance")
+    from llmprod.structured import StructuredOutputs
+    from llmprod.structured.backend import mask_guessed_run
+
+    grammars = engine.admission.grammars
+    assert grammars is not None
+    matcher = grammars.matcher(StructuredOutputs(regex=r"[0-9]{3}"))
+    tok = engine.tokenizer
+    one, two, letter = (tok.convert_tokens_to_ids(t) for t in ("1", "2", "a"))
+    logits = torch.zeros(4, engine.vocab_size)
+    masked, m = mask_guessed_run(logits, [one, two, letter], matcher)
+    assert m == 2 and masked.shape[0] == 3
+    assert masked[2, letter] == float("-inf") and masked[2, one] == 0.0
+    assert masked[0, letter] == float("-inf")
+    # Rolled back: the matcher still expects three digits from the start.
+    assert matcher.validate_tokens([one, two, one]) == 3
+    # After three digits only the end may follow (row 3 of a three-digit run).
+    masked, m = mask_guessed_run(logits, [one, two, one], matcher)
+    assert m == 3 and masked[3, one] == float("-inf")

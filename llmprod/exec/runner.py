@@ -19,7 +19,9 @@ from llmprod.layers.screened_head import ScreenedGreedyHead
 from llmprod.lora.manager import LoRAManager
 from llmprod.models.protocol import PagedCausalLM
 from llmprod.outputs import TokenLogprob
+from llmprod.sched.request import Request
 from llmprod.sched.scheduler import SchedulerOutput
+from llmprod.structured.backend import mask_guessed_run
 
 
 @dataclass(slots=True)
@@ -279,6 +281,9 @@ class ModelRunner:
             lps.append(None)
             if not e.draft:
                 plain.append((row, pos))
+            elif r.matcher is not None:
+                assert logits is not None  # a grammar row is never screened
+                tokens[i] = self._verify_grammar(logits[pos : pos + n], e.draft, r)
             elif r.params.is_greedy:
                 assert argmax is not None
                 tokens[i] = verify_greedy(argmax[pos : pos + n], e.draft)
@@ -300,6 +305,18 @@ class ModelRunner:
             for (row, _), tok, lp in zip(plain, got.token_ids, got.logprobs):
                 first[row], lps[row] = tok, lp
         return StepResult(SamplerOutput(first, lps), rows, prompt_lps, tokens)
+
+    def _verify_grammar(
+        self, logits: torch.Tensor, draft: list[int], r: Request
+    ) -> list[int]:
+        """Verify guesses under the request's grammar: each position is masked
+        as the grammar stands after the guesses before it; a guess the grammar
+        forbids (and every one after it) is refused."""
+        masked, m = mask_guessed_run(logits, draft, r.matcher)
+        if r.params.is_greedy:
+            return verify_greedy(masked.argmax(dim=-1).tolist(), draft[:m])
+        probs = Sampler.target_probs(masked, [r] * (m + 1))
+        return verify_sampled(probs, draft[:m], self.sampler.generator_of(r))
 
     def _prompt_logprobs(
         self, out: SchedulerOutput, hidden: torch.Tensor, cu: list[int]

@@ -28,7 +28,9 @@ yields ``a + 1``.
   ``max_num_seqs`` running requests, one by default; a larger step is bound by
   computing, not by reading weights); a request whose guesses are mostly refused stops drafting
   for a while; requests that need more than the tokens (log-probabilities,
-  repetition penalty, ``min_tokens`` still in effect, a grammar) never draft.
+  repetition penalty, ``min_tokens`` still in effect) never draft. A request
+  with a grammar drafts; each guessed position is verified under the grammar
+  as it stands after the guesses before it, so a guess it forbids is refused.
 
 This module holds the scheduling side (the config, the proposer, the policy);
 ``llmprod.exec.speculative`` the verification. The scheduler asks for drafts,
@@ -198,12 +200,13 @@ class SpecState:
 
 def eligible(request: Request) -> bool:
     """Whether a request's next tokens may be guessed and verified: it needs only
-    the tokens (no log-probabilities), nothing that depends on the tokens before
-    each one beyond the model (repetition penalty, ``min_tokens``), no grammar."""
+    the tokens (no log-probabilities) and nothing that depends on the tokens
+    before each one beyond the model and its grammar (repetition penalty,
+    ``min_tokens``). A grammar is applied at each guessed position (the runner
+    masks it as the grammar stands after the guesses before it)."""
     p = request.params
     return (
         p.logprobs is None
-        and request.matcher is None
         and p.repetition_penalty == 1.0
         and request.num_output_tokens >= p.min_tokens
     )

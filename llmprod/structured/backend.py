@@ -6,7 +6,8 @@ grammar (cached, least recently used first out), checked, and a fresh
 ``LLMatcher`` for the request. On the step thread, :func:`apply_masks` sets the
 logits of tokens the grammar forbids to ``-inf`` for the rows that have a
 matcher (the others are not touched); the output processor feeds every sampled
-token back with ``consume``.
+token back with ``consume``. With speculative decoding, :func:`mask_guessed_run`
+masks each guessed position with the matcher walked through the guesses before it.
 """
 
 from __future__ import annotations
@@ -164,3 +165,40 @@ def apply_masks(logits: torch.Tensor, matchers: list[Any]) -> torch.Tensor:
     llt.apply_token_bitmask_inplace(sub, mask)
     logits[rows] = sub.to(logits.device, logits.dtype)
     return logits
+
+
+def mask_guessed_run(
+    logits: torch.Tensor, draft: list[int], matcher: Any
+) -> tuple[torch.Tensor, int]:
+    """Masked logits for the positions of a speculated run, and how many of the
+    guesses the grammar allows.
+
+    Row ``j`` of ``logits`` predicts the token after ``draft[:j]``: its mask is
+    the matcher's after consuming those guesses. The matcher walks the allowed
+    guesses (``m`` of them, stopping before the first one the grammar forbids,
+    which then cannot be kept) and is rolled back, so the output processor still
+    consumes the tokens the step keeps.
+
+    Returns:
+        ``(masked, m)``: ``m + 1`` masked rows (float32, on ``logits``' device)
+        and ``m``.
+    """
+    import llguidance.torch as llt
+
+    m = int(matcher.validate_tokens(draft)) if draft else 0
+    mask = torch.full((m + 1, _bitmask_width(logits.shape[-1])), -1, dtype=torch.int32)
+    consumed = 0
+    try:
+        for j in range(m + 1):
+            llt.fill_next_token_bitmask(matcher, mask, j)
+            if j < m:
+                if not matcher.consume_token(draft[j]):
+                    m = j  # (validate_tokens said yes; be safe)
+                    break
+                consumed += 1
+    finally:
+        if consumed:
+            matcher.rollback(consumed)
+    rows = logits[: m + 1].float().cpu().clone()
+    llt.apply_token_bitmask_inplace(rows, mask[: m + 1])
+    return rows.to(logits.device), m
