@@ -146,6 +146,14 @@ def _bitmask_width(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
+@functools.cache
+def _executor() -> Any:
+    """llguidance's thread pool for filling several rows' masks at once."""
+    import llguidance
+
+    return llguidance.LLExecutor()
+
+
 def apply_masks(logits: torch.Tensor, matchers: list[Any]) -> torch.Tensor:
     """Mask the rows whose matcher is not None (in place; returns ``logits``).
 
@@ -159,8 +167,12 @@ def apply_masks(logits: torch.Tensor, matchers: list[Any]) -> torch.Tensor:
 
     vocab = logits.shape[-1]
     mask = torch.full((len(rows), _bitmask_width(vocab)), -1, dtype=torch.int32)
-    for j, i in enumerate(rows):
-        llt.fill_next_token_bitmask(matchers[i], mask, j)
+    if len(rows) == 1:
+        llt.fill_next_token_bitmask(matchers[rows[0]], mask, 0)
+    else:  # llguidance's own threads, one row each (torch's are idle meanwhile)
+        llt.fill_next_token_bitmask_par(
+            _executor(), [(matchers[i], j) for j, i in enumerate(rows)], mask
+        )
     sub = logits[rows].float().cpu()
     llt.apply_token_bitmask_inplace(sub, mask)
     logits[rows] = sub.to(logits.device, logits.dtype)
