@@ -86,21 +86,21 @@ ENGINE_SIGNATURES = {
     "generate": "(self, prompts: 'Prompt | Sequence[Prompt]', params: "
     "'SamplingParams | Sequence[SamplingParams] | None' = None, *, progress: "
     "'bool' = False, tenant: 'str' = 'default', return_exceptions: 'bool' = False, "
-    "wait_timeout: 'float | None' = None, grounding_context: 'str | None' = None) "
-    "-> 'list[Completion]'",
+    "wait_timeout: 'float | None' = None, grounding_context: 'str | None' = None, "
+    "adapter: 'str | Sequence[str | None] | None' = None) -> 'list[Completion]'",
     "chat": "(self, messages: 'Sequence[Message] | Sequence[Sequence[Message]]', "
     "params: 'SamplingParams | Sequence[SamplingParams] | None' = None, **kwargs: "
     "'Any') -> 'Completion | list[Completion]'",
     "stream": "(self, prompt: 'Prompt | Sequence[Message]', params: "
     "'SamplingParams | None' = None, *, tenant: 'str' = 'default', wait_timeout: "
-    "'float | None' = None) -> 'Iterator[Delta]'",
+    "'float | None' = None, adapter: 'str | None' = None) -> 'Iterator[Delta]'",
     "agenerate": "(self, prompts: 'Prompt | Sequence[Prompt]', params: "
     "'SamplingParams | Sequence[SamplingParams] | None' = None, *, tenant: 'str' = "
     "'default', return_exceptions: 'bool' = False, wait_timeout: 'float | None' = "
-    "None) -> 'list[Completion]'",
+    "None, adapter: 'str | Sequence[str | None] | None' = None) -> 'list[Completion]'",
     "astream": "(self, prompt: 'Prompt | Sequence[Message]', params: "
     "'SamplingParams | None' = None, *, tenant: 'str' = 'default', wait_timeout: "
-    "'float | None' = None) -> 'AsyncIterator[Delta]'",
+    "'float | None' = None, adapter: 'str | None' = None) -> 'AsyncIterator[Delta]'",
     "abort": "(self, request_id: 'str') -> 'None'",
     "metrics": "(self) -> 'MetricsSnapshot'",
     "close": "(self) -> 'None'",
