@@ -123,9 +123,10 @@ def test_mixed_batch_rows_equal_peft_and_their_solo_runs(
     monkeypatch.setattr(LoRABatch, "set", spy)
     mixed = lora_engine.generate(prompts, GREEDY, adapter=chosen)
     monkeypatch.undo()
-    # Three adapters in one step: their groups padded into one batched product
-    # (two groups or fewer gather per group: the next test).
-    assert "padded" in modes, modes
+    # Three adapters in one step: decode steps through every slot at once
+    # ("dense"; two groups or fewer gather per group: the next test; every path
+    # against the others: test_every_grouping_gives_the_same_deltas).
+    assert "dense" in modes, modes
     base = lora_engine.generate(PROMPTS, GREEDY)
     for name in adapters:
         solo = lora_engine.generate(PROMPTS, GREEDY, adapter=name)
@@ -138,6 +139,47 @@ def test_mixed_batch_rows_equal_peft_and_their_solo_runs(
         assert differs >= len(PROMPTS) // 2, f"{name} barely changes the output"
     for i in range(len(PROMPTS)):
         assert mixed[i * len(names) + len(adapters)].token_ids == base[i].token_ids
+
+
+def test_every_grouping_gives_the_same_deltas(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The four ways of applying a step's deltas (one adapter for all, gathered
+    groups, padded batched products, dense with a one-hot mask) against a plain
+    per-token sum, on random stacked slots of two shards."""
+    from llmprod.lora import layers
+    from llmprod.lora.layers import LoRALinear
+
+    torch.manual_seed(0)
+    slots_n, d_in, r, outs = 5, 12, 4, (6, 3)
+    base = torch.nn.Linear(d_in, sum(outs), bias=False)
+    a = torch.randn(slots_n, d_in, 2 * r)
+    b = [torch.randn(slots_n, r, o) for o in outs]
+    x = torch.randn(9, d_in)
+
+    def want(slots: list[int]) -> torch.Tensor:
+        y = base(x)
+        for i, s in enumerate(slots):
+            if s >= 0:
+                xa = x[i] @ a[s]
+                y[i] += torch.cat([xa[j * r : (j + 1) * r] @ b[j][s] for j in range(2)])
+        return y
+
+    cases = {
+        "all": [2] * 9,
+        "groups": [1, -1, 1, 1, -1, 1, 1, 1, -1],
+        "padded": [0, 1, 2, 3, 4, 0, 1, 2, -1],
+        "dense": [0, 1, 2, 3, 4, 0, 1, 2, -1],
+    }
+    for mode, slots in cases.items():
+        batch = LoRABatch()
+        monkeypatch.setattr(
+            layers, "DENSE_MAX_TOKEN_SLOTS", 10_000 if mode == "dense" else 0
+        )
+        batch.set(slots, x.device)
+        assert batch.mode == mode, (mode, batch.mode)
+        layer = LoRALinear(base, batch)
+        layer.a, layer.b, layer.rank = a, b, r
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), want(slots), rtol=1e-5, atol=1e-5)
 
 
 def test_one_adapter_beside_base_rows_and_alone(

@@ -10,9 +10,14 @@ batch:
 
 * every token on one adapter: two matrix products on the whole batch;
 * a few groups: gather each group's rows, two products, add them back;
-* many small groups (decode with many adapters): the groups padded into one
-  ``[slots, rows, in]`` tensor and two batched products over the stacked slots,
-  so the number of operations does not grow with the number of adapters.
+* several adapters in a step of few tokens (decode): "dense", every token
+  through every taking-part slot's ``A`` in one product (the slots' ``A`` side
+  by side), the columns of other slots zeroed by a one-hot mask, then one
+  product with the slots' ``B`` stacked; three operations whatever the number of
+  adapters, at the cost of multiplying by ``slots * R`` columns instead of ``R``
+  (small next to the base product while ``slots * R`` is small);
+* many small groups in a larger step: the groups padded into one
+  ``[slots, rows, in]`` tensor and two batched products over the stacked slots.
 """
 
 from __future__ import annotations
@@ -22,6 +27,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+DENSE_MAX_TOKEN_SLOTS = 4096
+"""Steps with at most this many (token, slot) pairs take the "dense" path: decode
+steps of many requests over many adapters; a step with long prefill chunks
+gathers per group instead."""
+
 
 @dataclass(slots=True)
 class LoRABatch:
@@ -30,7 +40,7 @@ class LoRABatch:
 
     mode: str | None = None
     """None (no token has an adapter), "all" (every token on ``slot``),
-    "groups" (``groups``: (slot, token index) pairs) or "padded"."""
+    "groups" (``groups``: (slot, token index) pairs), "dense" or "padded"."""
     slot: int = 0
     groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     num_slots: int = 0
@@ -43,6 +53,9 @@ class LoRABatch:
     """"padded": the places that hold real tokens."""
     tokens: torch.Tensor | None = None
     """"padded": the token of each kept place."""
+    onehot: torch.Tensor | None = None
+    """"dense": ``[tokens, num_slots]``, 1 at each token's slot (a row of zeros
+    for a token without adapter)."""
 
     def set(self, slots: list[int], device: torch.device) -> None:
         """Group the step's tokens (``slots[i]``: token i's slot, -1: none)."""
@@ -58,6 +71,13 @@ class LoRABatch:
             return
         n = sum(len(v) for v in by_slot.values())
         num_slots = max(by_slot) + 1
+        if len(by_slot) > 1 and len(slots) * num_slots <= DENSE_MAX_TOKEN_SLOTS:
+            onehot = torch.zeros(len(slots), num_slots)
+            for s, idx in by_slot.items():
+                onehot[idx, s] = 1.0
+            self.mode, self.num_slots = "dense", num_slots
+            self.onehot = onehot.to(device)
+            return
         rows = max(len(v) for v in by_slot.values())
         # Few groups, or groups so uneven (a long prefill beside decodes) that
         # padding would multiply the work: one gather per group.
@@ -83,7 +103,7 @@ class LoRABatch:
     def clear(self) -> None:
         self.mode = None
         self.groups = []
-        self.gather = self.keep = self.tokens = None
+        self.gather = self.keep = self.tokens = self.onehot = None
 
 
 def _delta(xa: torch.Tensor, bs: list[torch.Tensor], rank: int) -> torch.Tensor:
@@ -110,6 +130,10 @@ class LoRALinear(nn.Module):
         self.b: list[torch.Tensor] = []
         """Per shard ``[slots, rank, out_shard]``."""
         self.rank = 0
+        self._a_cols: torch.Tensor | None = None
+        """``a`` as ``[in, slots * shards * rank]`` (for "dense"), made from the
+        ``a`` it was made from (``_a_cols_of``) on first use after a restack."""
+        self._a_cols_of: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -120,6 +144,23 @@ class LoRALinear(nn.Module):
         r = self.rank
         if b.mode == "all":
             y += _delta(x @ a[b.slot], [m[b.slot] for m in self.b], r)
+        elif b.mode == "dense":
+            assert b.onehot is not None
+            n, t = b.num_slots, x.shape[0]
+            if self._a_cols_of is not a:  # the slots' A side by side (restacked)
+                self._a_cols = a.permute(1, 0, 2).reshape(a.shape[1], -1)
+                self._a_cols_of = a
+            cols = self._a_cols
+            assert cols is not None
+            oh = b.onehot if b.onehot.dtype == x.dtype else b.onehot.to(x.dtype)
+            xa = (x @ cols[:, : n * a.shape[2]]).view(t, n, -1)
+            xa = xa * oh[:, :, None]
+            parts = [
+                xa[:, :, j * r : (j + 1) * r].reshape(t, n * r)
+                @ m[:n].reshape(n * r, -1)
+                for j, m in enumerate(self.b)
+            ]
+            y += parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         elif b.mode == "groups":
             for s, idx in b.groups:
                 xs = x.index_select(0, idx)
