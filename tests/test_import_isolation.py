@@ -22,43 +22,34 @@ def test_importing_llmprod_imports_no_integration_host() -> None:
     assert out.stdout.strip() == "[]"
 
 
-def test_a_missing_host_package_names_the_extra_to_install() -> None:
-    # A meta-path finder that refuses langchain_core stands in for an
-    # environment without the extra.
+def _import_without(host: str, module: str) -> str:
+    """What importing ``module`` prints in a fresh interpreter where ``host``
+    cannot be imported: a meta-path finder that refuses it stands in for an
+    environment without the extra."""
     code = (
         "import sys\n"
         "class Refuse:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] == 'langchain_core':\n"
-        "            raise ModuleNotFoundError(name)\n"
-        "sys.meta_path.insert(0, Refuse())\n"
-        "try:\n"
-        "    import llmprod.integrations.langchain\n"
-        "except ImportError as e:\n"
-        "    print(e)\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    )
-    assert "pip install 'llmprod[langchain]'" in out.stdout
-
-
-def test_the_ray_integration_without_ray_names_the_extra() -> None:
-    # As above, a finder that refuses ray stands in for an install without it.
-    code = (
-        "import sys\n"
-        "class Refuse:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] == 'ray':\n"
+        f"        if name.split('.')[0] == {host!r}:\n"
         "            raise ModuleNotFoundError(name)\n"
         "sys.meta_path.insert(0, Refuse())\n"
         "import llmprod, llmprod.integrations\n"
         "try:\n"
-        "    import llmprod.integrations.ray\n"
+        f"    import {module}\n"
         "except ImportError as e:\n"
         "    print(e)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
-    assert "pip install 'llmprod[ray]'" in out.stdout
+    return out.stdout
+
+
+def test_a_missing_host_package_names_the_extra_to_install() -> None:
+    out = _import_without("langchain_core", "llmprod.integrations.langchain")
+    assert "pip install 'llmprod[langchain]'" in out
+
+
+def test_the_ray_integration_without_ray_names_the_extra() -> None:
+    out = _import_without("ray", "llmprod.integrations.ray")
+    assert "pip install 'llmprod[ray]'" in out
