@@ -245,7 +245,19 @@ def test_draft_model_guesses_open_text_and_gives_the_same_tokens(
     report = draft_engine.metrics().engine["draft"]
     assert report["model"] == "smollm2-135m" and report["quantization"] == "gguf"
     assert report["weights_bytes"]["int4"] > 0 and report["forwards"] > 0
+    # The copied passage was guessed by prompt lookup first (no draft passes).
+    assert report["lookups"] > 0
     assert engine.metrics().engine["draft"] is None
+
+
+def test_draft_model_without_lookup_first_runs_the_draft_for_every_guess(
+    engine: Engine, make_engine: Any
+) -> None:
+    eng = make_engine(speculative={**DRAFT, "lookup_first": False})
+    got = eng.chat(COPY, _greedy(32))
+    assert got.token_ids == engine.chat(COPY, _greedy(32)).token_ids
+    report = eng.metrics().engine["draft"]
+    assert report["lookups"] == 0 and report["forwards"] > 0
 
 
 def test_draft_model_stops_streams_and_seeds(
@@ -297,6 +309,7 @@ def test_draft_config_errors_name_the_field(make_engine: Any) -> None:
         ({"draft_model": "smollm2-135m"}, "speculative.draft_model"),
         ({**DRAFT, "draft_quantization": "nf4"}, "speculative.draft_quantization"),
         ({**DRAFT, "draft_model": "no-such-model"}, "speculative.draft_model"),
+        ({**DRAFT, "lookup_first": "yes"}, "speculative.lookup_first"),
     ):
         with pytest.raises(InvalidConfigError) as err:
             make_engine(speculative=bad)

@@ -59,7 +59,7 @@ from llmprod.quant.footprint import weight_bytes_by_format
 from llmprod.sampling_params import SamplingParams
 from llmprod.sched.request import Request
 from llmprod.sched.scheduler import Scheduler
-from llmprod.sched.speculative import SpeculativeConfig
+from llmprod.sched.speculative import NgramProposer, SpeculativeConfig
 from llmprod.structured.backend import GrammarBackend
 
 if TYPE_CHECKING:
@@ -196,6 +196,7 @@ class Engine:
                 draft.fast.greedy_head,
                 self.vocab_size,
                 self.eos_token_ids,
+                NgramProposer(spec) if spec.lookup_first else None,
             )
             self.draft_weight_bytes = weight_bytes_by_format(
                 draft.loaded.model, draft.fast.greedy_head

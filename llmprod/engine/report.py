@@ -80,4 +80,5 @@ def _draft_report(engine: Engine) -> dict[str, Any] | None:
         "kv_bytes": draft.kv_bytes,
         "lanes": len(draft.lanes),
         "forwards": draft.forwards,
+        "lookups": draft.lookups,
     }

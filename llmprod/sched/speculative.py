@@ -97,6 +97,12 @@ class SpeculativeConfig:
     "gguf" (a GGUF file's own Q4 weights)."""
     draft_dtype: str | None = None
     """The draft's float dtype (None: the engine's)."""
+    lookup_first: bool = True
+    """With ``method="draft"``: guess by prompt lookup first. When the text's
+    last ``prompt_lookup_max`` (down to 2, or ``prompt_lookup_min`` if larger)
+    tokens occurred before, the tokens that followed them are the guesses and
+    the draft model does not run for that step (text copied from the prompt
+    costs no draft passes); otherwise the draft guesses."""
 
     def __post_init__(self) -> None:
         def bad(name: str, value: Any, rule: str) -> InvalidConfigError:
@@ -144,6 +150,8 @@ class SpeculativeConfig:
                 self.prompt_lookup_min,
                 f"must be <= prompt_lookup_max={self.prompt_lookup_max}",
             )
+        if not isinstance(self.lookup_first, bool):
+            raise bad("lookup_first", self.lookup_first, "must be a bool")
         a = self.min_acceptance
         if not isinstance(a, (int, float)) or isinstance(a, bool) or not 0 <= a <= 1:
             raise bad("min_acceptance", a, "must be a number in [0, 1]")
@@ -230,11 +238,14 @@ class NgramProposer:
     def draft(self, req: Request, k: int) -> list[int]:
         return self.propose(req.token_ids, k)
 
-    def propose(self, tokens: list[int], k: int) -> list[int]:
+    def propose(self, tokens: list[int], k: int, n_min: int | None = None) -> list[int]:
         """Up to ``k`` guessed tokens following ``tokens`` ([] when no suffix of
-        ``prompt_lookup_min`` .. ``prompt_lookup_max`` tokens occurred before)."""
+        ``n_min`` (default ``prompt_lookup_min``) .. ``prompt_lookup_max`` tokens
+        occurred before)."""
         n_max = min(self.cfg.prompt_lookup_max, len(tokens) - 1)
-        for n in range(n_max, self.cfg.prompt_lookup_min - 1, -1):
+        if n_min is None:
+            n_min = self.cfg.prompt_lookup_min
+        for n in range(n_max, n_min - 1, -1):
             suffix = tokens[-n:]
             first = suffix[0]
             # Latest earlier occurrence: scan backwards from the one before the end.
