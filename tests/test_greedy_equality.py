@@ -103,38 +103,31 @@ def test_greedy_equal_with_each_linear_backend(
     check_against_reference(outs, references)
 
 
+# Speculating in every step here (max_num_seqs=64), not only in small ones: by
+# prompt lookup, and by a draft model (the same SmolLM2 in its GGUF file's 4-bit
+# weights, prompt lookup first, the default).
+SPECULATIVE = {
+    "ngram": {"num_speculative_tokens": 4, "max_num_seqs": 64},
+    "draft": {
+        "method": "draft",
+        "draft_model": "smollm2-135m",
+        "draft_quantization": "gguf",
+        "max_num_seqs": 64,
+    },
+}
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("method", list(SPECULATIVE))
 def test_greedy_equal_with_speculative_decoding(
-    make_engine: Any, prompt_ids: list[list[int]], references: list[Any]
+    method: str,
+    make_engine: Any,
+    prompt_ids: list[list[int]],
+    references: list[Any],
 ) -> None:
-    """n-gram speculation in a mixed batch (speculating in every step here, not
-    only in small ones) and alone: the same tokens as transformers."""
-    spec = make_engine(
-        dtype="float32", speculative={"num_speculative_tokens": 4, "max_num_seqs": 64}
-    )
-    p = SamplingParams(max_tokens=MAX_NEW, temperature=0)
-    check_against_reference(spec.generate(prompt_ids, p), references)
-    alone = [spec.generate(ids, p)[0] for ids in prompt_ids[::3]]
-    check_against_reference(alone, references[::3])
-    stats = spec.metrics().scheduler["speculative"]
-    assert stats["steps"] > 0 and stats["accepted_tokens"] > 0, stats
-
-
-@pytest.mark.slow
-def test_greedy_equal_with_draft_model_speculation(
-    make_engine: Any, prompt_ids: list[list[int]], references: list[Any]
-) -> None:
-    """A draft model (the same SmolLM2 in 4 bits) guessing for every request of
-    the mixed batch, and alone: the same tokens as transformers."""
-    spec = make_engine(
-        dtype="float32",
-        speculative={
-            "method": "draft",
-            "draft_model": "smollm2-135m",
-            "draft_quantization": "gguf",
-            "max_num_seqs": 64,
-        },
-    )
+    """Speculation in a mixed batch and alone: the same tokens as transformers,
+    with guesses actually made and kept."""
+    spec = make_engine(dtype="float32", speculative=SPECULATIVE[method])
     p = SamplingParams(max_tokens=MAX_NEW, temperature=0)
     check_against_reference(spec.generate(prompt_ids, p), references)
     alone = [spec.generate(ids, p)[0] for ids in prompt_ids[::3]]
