@@ -46,6 +46,9 @@ class TokenLogprob:
     """Top alternatives: token id -> log-probability (raw model distribution)."""
     entropy: float | None = None
     """Entropy (nats) of the model's distribution at this position."""
+    scored: dict[int, float] = field(default_factory=dict)
+    """The tokens of ``SamplingParams.logprob_token_ids``: token id ->
+    log-probability at this position (raw model distribution)."""
 
 
 @dataclass(slots=True)

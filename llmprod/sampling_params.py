@@ -10,6 +10,7 @@ from llmprod.errors import InvalidRequestError
 from llmprod.structured.params import StructuredOutputs
 
 MAX_LOGPROBS = 20
+MAX_LOGPROB_TOKEN_IDS = 1024
 
 MIN_TEMPERATURE = 1e-5
 """Temperatures below this sample greedily (dividing logits by less overflows)."""
@@ -64,6 +65,11 @@ class SamplingParams:
     """Keep generating past the end-of-sequence token."""
     logprobs: int | None = None
     """Return the sampled token's log-probability and this many top alternatives."""
+    logprob_token_ids: tuple[int, ...] = ()
+    """With ``logprobs``: also the log-probabilities of these tokens at each
+    generated position (``TokenLogprob.scored``), whatever their rank: scoring
+    several one-token continuations of one context in one request, as
+    ``llmprod.integrations.lm_eval`` does for multiple-choice answers."""
     prompt_logprobs: int | None = None
     """Return each prompt token's log-probability given the ones before it."""
     prompt_logprobs_start: int = 0
@@ -93,6 +99,14 @@ class SamplingParams:
             set_(self, "stop", tuple(self.stop))
         else:
             raise _fail("stop", self.stop, "must be a str or a list of str")
+        if isinstance(self.logprob_token_ids, (list, tuple)):
+            set_(self, "logprob_token_ids", tuple(self.logprob_token_ids))
+        elif self.logprob_token_ids is None:
+            set_(self, "logprob_token_ids", ())
+        else:
+            raise _fail(
+                "logprob_token_ids", self.logprob_token_ids, "must be a list of int"
+            )
         if self.stop_token_ids is None:
             set_(self, "stop_token_ids", ())
         elif isinstance(self.stop_token_ids, (list, tuple)):
@@ -145,6 +159,18 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or not 0 <= v <= MAX_LOGPROBS):
                 raise _fail(name, v, f"must be an integer in [0, {MAX_LOGPROBS}]")
+        ids = self.logprob_token_ids
+        if ids and self.logprobs is None:
+            raise _fail("logprob_token_ids", ids, "is read only with logprobs set")
+        if len(ids) > MAX_LOGPROB_TOKEN_IDS:
+            raise _fail(
+                "logprob_token_ids",
+                f"<{len(ids)} ids>",
+                f"must hold at most {MAX_LOGPROB_TOKEN_IDS} token ids",
+            )
+        for t_id in ids:
+            if not _is_int(t_id) or t_id < 0:
+                raise _fail("logprob_token_ids", t_id, "each id must be an int >= 0")
         st = self.prompt_logprobs_start
         if not _is_int(st) or st < 0:
             raise _fail("prompt_logprobs_start", st, "must be an int >= 0")

@@ -190,25 +190,36 @@ def snapshot(c: Completion) -> Completion:
 
 
 def _logprob_to_json(lp: TokenLogprob) -> list[Any]:
-    return [
+    out = [
         int(lp.token_id),
         float(lp.logprob),
         [[int(k), float(v)] for k, v in lp.top.items()],
     ]
+    if lp.scored:  # written only when asked for: entries of before stay 3 long
+        out.append([[int(k), float(v)] for k, v in lp.scored.items()])
+    return out
+
+
+def _pairs_from_json(value: Any, where: str) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for pair in _expect(value, list, where):
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise ValueError(f"{where}: each entry must be [token_id, logprob]")
+        out[_int(pair[0], where)] = _float(pair[1], where)
+    return out
 
 
 def _logprob_from_json(x: Any, where: str) -> TokenLogprob:
-    if not isinstance(x, list) or len(x) != 3:
-        raise ValueError(f"{where}: each entry must be [token_id, logprob, top]")
-    token_id, logprob, top = x
-    pairs = _expect(top, list, f"{where}.top")
-    out: dict[int, float] = {}
-    for pair in pairs:
-        if not isinstance(pair, list) or len(pair) != 2:
-            raise ValueError(f"{where}.top: each entry must be [token_id, logprob]")
-        out[_int(pair[0], f"{where}.top")] = _float(pair[1], f"{where}.top")
+    if not isinstance(x, list) or len(x) not in (3, 4):
+        raise ValueError(
+            f"{where}: each entry must be [token_id, logprob, top(, scored)]"
+        )
+    token_id, logprob, top = x[:3]
     return TokenLogprob(
-        token_id=_int(token_id, where), logprob=_float(logprob, where), top=out
+        token_id=_int(token_id, where),
+        logprob=_float(logprob, where),
+        top=_pairs_from_json(top, f"{where}.top"),
+        scored=_pairs_from_json(x[3], f"{where}.scored") if len(x) == 4 else {},
     )
 
 

@@ -92,6 +92,8 @@ def sampling_key_fields(params: SamplingParams) -> dict[str, Any]:
         out.pop("structured", None)
     if not out.get("prompt_logprobs_start"):  # likewise: 0 is the old behaviour
         out.pop("prompt_logprobs_start", None)
+    if not out.get("logprob_token_ids"):  # likewise
+        out.pop("logprob_token_ids", None)
     for name in _FLOAT_FIELDS:
         value = out.get(name)
         if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -162,13 +162,14 @@ def prompt_token_ids(prompt: Prompt, tokenizer: Any, vocab_size: int) -> list[in
 def check_stop_token_ids(params: SamplingParams, vocab_size: int) -> None:
     """Stop token ids the model can produce (checked at submit: the vocabulary is
     the model's)."""
-    for t in params.stop_token_ids:
-        if t >= vocab_size:
-            raise InvalidRequestError(
-                f"stop_token_ids holds {t}, out of vocabulary (valid ids are "
-                f"0..{vocab_size - 1})",
-                "stop_token_ids",
-            )
+    for name in ("stop_token_ids", "logprob_token_ids"):
+        for t in getattr(params, name):
+            if t >= vocab_size:
+                raise InvalidRequestError(
+                    f"{name} holds {t}, out of vocabulary (valid ids are "
+                    f"0..{vocab_size - 1})",
+                    name,
+                )
 
 
 def check_lengths(

@@ -66,6 +66,11 @@ class Sampler:
                 if p.logprobs is not None:
                     logprobs[i] = make_logprob(lp[i], token_ids[i], p.logprobs)
                     logprobs[i].entropy = entropy[i]  # type: ignore[union-attr]
+                    if p.logprob_token_ids:
+                        ids = list(p.logprob_token_ids)
+                        logprobs[i].scored = dict(  # type: ignore[union-attr]
+                            zip(ids, lp[i, ids].tolist())
+                        )
         return SamplerOutput(token_ids, logprobs)
 
     @staticmethod

@@ -190,48 +190,68 @@ class LLMProdLM(TemplateLM):
         windows = [
             tuple((ctx + cont)[-(self._max_length + 1) :]) for _, ctx, cont in requests
         ]
+        # One-token continuations of one input (the choices of a multiple-choice
+        # question) are scored by one request: the input runs once and the
+        # engine reports each choice's log-probability at its last position
+        # (``logprob_token_ids``). Longer continuations are scored from the
+        # engine's ``prompt_logprobs``.
+        by_input: dict[tuple[int, ...], set[int]] = {}
+        for window, (_, _, cont) in zip(windows, requests):
+            if len(cont) == 1 and len(window) > 1:
+                by_input.setdefault(window[:-1], set()).add(window[-1])
         # Equal windows are scored once, from the earliest continuation among
-        # them: the tokens before it may come from the prefix cache (the shared
-        # context of a multiple-choice question, scored once per choice).
+        # them: the tokens before it may come from the prefix cache.
         score_from: dict[tuple[int, ...], int] = {}
         for window, (_, _, cont) in zip(windows, requests):
+            if len(cont) == 1 and window[:-1] in by_input:
+                continue
             start = len(window) - len(cont)
             score_from[window] = min(score_from.get(window, start), start)
-        unique = list(score_from)
-        scored: dict[tuple[int, ...], Completion] = {}
-        bar = tqdm(
-            total=len(unique), desc="llmprod loglikelihood", disable=disable_tqdm
-        )
-        for start in range(0, len(unique), self._batch_size):
-            batch = unique[start : start + self._batch_size]
-            params = [
+        # (kind, tokens): "input" of a one-token group, or "window".
+        jobs: list[tuple[tuple[str, tuple[int, ...]], SamplingParams]] = [
+            (
+                ("input", inp),
+                SamplingParams(
+                    max_tokens=1,
+                    temperature=0,
+                    logprobs=1,
+                    logprob_token_ids=tuple(sorted(last)),
+                ),
+            )
+            for inp, last in by_input.items()
+        ]
+        jobs += [
+            (
+                ("window", w),
                 SamplingParams(
                     max_tokens=1,
                     temperature=0,
                     prompt_logprobs=1,
-                    prompt_logprobs_start=score_from[w],
-                )
-                for w in batch
-            ]
-            outs = self.engine.generate([list(w) for w in batch], params)
-            scored.update(zip(batch, outs))
+                    prompt_logprobs_start=start,
+                ),
+            )
+            for w, start in score_from.items()
+        ]
+        scored: dict[tuple[str, tuple[int, ...]], Completion] = {}
+        bar = tqdm(total=len(jobs), desc="llmprod loglikelihood", disable=disable_tqdm)
+        for start in range(0, len(jobs), self._batch_size):
+            batch = jobs[start : start + self._batch_size]
+            outs = self.engine.generate(
+                [list(w) for (_, w), _ in batch], [p for _, p in batch]
+            )
+            scored.update(zip((key for key, _ in batch), outs))
             bar.update(len(batch))
         bar.close()
 
         results: list[tuple[float, bool]] = []
         for (key, _, cont), window in zip(requests, windows):
-            lps = scored[window].prompt_logprobs
-            assert lps is not None
-            tail = lps[-len(cont) :]
-            total = 0.0
-            is_greedy = True
-            for lp in tail:
-                assert lp is not None
-                total += lp.logprob
-                is_greedy = is_greedy and max(lp.top, key=lp.top.__getitem__) == (
-                    lp.token_id
-                )
-            answer = (total, is_greedy)
+            if len(cont) == 1 and window[:-1] in by_input:
+                gen = scored["input", window[:-1]].logprobs
+                assert gen
+                best = max(gen[0].top, key=gen[0].top.__getitem__)
+                answer = (gen[0].scored[window[-1]], best == window[-1])
+            else:
+                answer = _score_tail(scored["window", window], len(cont))
             results.append(answer)
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, answer)
@@ -323,6 +343,20 @@ class LLMProdLM(TemplateLM):
         # the decoded output, so only the other strings are stop strings there.
         fields["stop"] = tuple(s for s in until if s and s != eos)
         return SamplingParams(**fields), until
+
+
+def _score_tail(out: Completion, n: int) -> tuple[float, bool]:
+    """The sum of the last ``n`` prompt tokens' log-probabilities and whether
+    each was the model's argmax."""
+    lps = out.prompt_logprobs
+    assert lps is not None
+    total = 0.0
+    is_greedy = True
+    for lp in lps[-n:]:
+        assert lp is not None
+        total += lp.logprob
+        is_greedy = is_greedy and max(lp.top, key=lp.top.__getitem__) == lp.token_id
+    return total, is_greedy
 
 
 def _device_available(device: str) -> bool:
