@@ -205,6 +205,35 @@ def test_prompt_logprobs_from_a_start_reuse_the_cached_context(
         SamplingParams(prompt_logprobs=1, prompt_logprobs_start=-1)
 
 
+def test_logprob_token_ids_score_one_token_continuations_in_one_request(
+    engine: Engine,
+) -> None:
+    """Several one-token continuations of one context scored by one request
+    (lm-eval's multiple choice): each equals that token's prompt log-probability
+    after the context, whatever its rank; bad ids are refused naming the field,
+    and the other requests of the batch still finish."""
+    ctx = engine.tokenizer.encode("Question: which of these is a colour?\nAnswer:")
+    choices = [engine.tokenizer.encode(c)[0] for c in (" red", " table", " seven")]
+    p = SamplingParams(
+        max_tokens=1, temperature=0, logprobs=1, logprob_token_ids=choices
+    )
+    lp = engine.generate(ctx, p)[0].logprobs
+    assert lp is not None and sorted(lp[0].scored) == sorted(choices)
+    full = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1)
+    for t in choices:
+        ref = engine.generate([*ctx, t], full)[0].prompt_logprobs
+        assert ref is not None and ref[-1] is not None
+        assert abs(lp[0].scored[t] - ref[-1].logprob) < 1e-4
+    with pytest.raises(ValueError, match="logprob_token_ids") as err:
+        SamplingParams(logprob_token_ids=[5])  # without logprobs
+    assert err.value.field == "logprob_token_ids"  # type: ignore[attr-defined]
+    bad = SamplingParams(max_tokens=4, logprobs=0, logprob_token_ids=[10**9])
+    with pytest.raises(ValueError, match="out of vocabulary") as err:
+        engine.generate([ctx, ctx], [GREEDY, bad])
+    assert err.value.field == "logprob_token_ids"  # type: ignore[attr-defined]
+    assert engine.generate(ctx, GREEDY)[0].token_ids
+
+
 def test_prefix_caching_reuses_blocks_and_keeps_output(
     engine: Engine, make_engine: Any
 ) -> None:

@@ -57,7 +57,7 @@ def completion(**overrides: Any) -> Completion:
         logprobs=[
             TokenLogprob(5, -0.1, {5: -0.1, 9: -2.5}),
             TokenLogprob(6, -0.25, {6: -0.25, 1: -float("inf")}),
-            TokenLogprob(7, -1e-9, {}),
+            TokenLogprob(7, -1e-9, {}, scored={7: -1e-9, 3: -4.5}),
         ],
         prompt_logprobs=[None, TokenLogprob(22, -3.0, {22: -3.0}), None, TokenLogprob(4444, -7.5)],
         flags={"pii": False, "scores": {"grounding": 0.9}, "tags": ["a", "b"]},
@@ -136,6 +136,7 @@ FIELD_VARIANTS: dict[str, Any] = {
     "stop_token_ids": (2,),
     "ignore_eos": True,
     "logprobs": 1,
+    "logprob_token_ids": (3,),  # (with logprobs=1, which it needs)
     "prompt_logprobs": 0,
     "prompt_logprobs_start": 3,
     "repetition_penalty": 1.1,
@@ -146,9 +147,13 @@ FIELD_VARIANTS: dict[str, Any] = {
 
 
 def test_key_changes_with_every_output_changing_field() -> None:
-    # structured and prompt_logprobs_start are keyed only when set (the keys of
-    # requests without them stay as they were).
-    keyed = set(sampling_key_fields(GREEDY)) | {"structured", "prompt_logprobs_start"}
+    # structured, prompt_logprobs_start and logprob_token_ids are keyed only when
+    # set (the keys of requests without them stay as they were).
+    keyed = set(sampling_key_fields(GREEDY)) | {
+        "structured",
+        "prompt_logprobs_start",
+        "logprob_token_ids",
+    }
     assert keyed == {f.name for f in dataclasses.fields(SamplingParams)} - {"extra"}
     assert set(FIELD_VARIANTS) == keyed, (
         "add a variant for each new SamplingParams field"
@@ -156,7 +161,10 @@ def test_key_changes_with_every_output_changing_field() -> None:
     base = response_key("fp", PROMPT, GREEDY)
     keys = {base}
     for name, value in FIELD_VARIANTS.items():
-        key = response_key("fp", PROMPT, dataclasses.replace(GREEDY, **{name: value}))
+        fields = {name: value}
+        if name == "logprob_token_ids":
+            fields["logprobs"] = 1
+        key = response_key("fp", PROMPT, dataclasses.replace(GREEDY, **fields))
         assert key not in keys, name
         keys.add(key)
     for other in (
