@@ -15,11 +15,13 @@ CLI; ``--model llmprod`` is implied)::
 
 Requests are tokenized exactly as lm-eval's ``hf`` backend tokenizes them (the
 same ``TemplateLM`` pair encoding, BOS rules and prefix token), so the two
-backends score the same tokens. Loglikelihoods come from the engine's
+backends score the same tokens. One-token continuations of one input (the
+choices of a multiple-choice question) share one request, whose input runs once
+and whose first generated position reports each choice's log-probability
+(``logprob_token_ids``). Other loglikelihoods come from the engine's
 ``prompt_logprobs`` from the continuation on (``prompt_logprobs_start``, so the
-context may come from the prefix cache): each batch of requests is submitted at
-once, and the engine
-packs them into flat token batches without padding. ``generate_until`` runs the
+context may come from the prefix cache). Each batch of requests is submitted at
+once, and the engine packs them into flat token batches without padding. ``generate_until`` runs the
 engine's generation with the request's stop strings and the ``hf`` backend's
 post-processing (stop at the first stop string, EOS included).
 
