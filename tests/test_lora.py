@@ -142,9 +142,10 @@ def test_mixed_batch_rows_equal_peft_and_their_solo_runs(
 
 
 def test_every_grouping_gives_the_same_deltas(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The four ways of applying a step's deltas (one adapter for all, gathered
-    groups, padded batched products, dense with a one-hot mask) against a plain
-    per-token sum, on random stacked slots of two shards."""
+    """The ways of applying a step's deltas (one adapter for all, runs of
+    tokens with the tokens outside them gathered, gathered groups, padded
+    batched products, dense with a one-hot mask) against a plain per-token sum,
+    on random stacked slots of two shards."""
     from llmprod.lora import layers
     from llmprod.lora.layers import LoRALinear
 
@@ -165,6 +166,7 @@ def test_every_grouping_gives_the_same_deltas(monkeypatch: pytest.MonkeyPatch) -
 
     cases = {
         "all": [2] * 9,
+        "runs": [0, 0, 0, 1, -1, 1, 1, 1, 2],
         "groups": [1, -1, 1, 1, -1, 1, 1, 1, -1],
         "padded": [0, 1, 2, 3, 4, 0, 1, 2, -1],
         "dense": [0, 1, 2, 3, 4, 0, 1, 2, -1],
@@ -174,8 +176,12 @@ def test_every_grouping_gives_the_same_deltas(monkeypatch: pytest.MonkeyPatch) -
         monkeypatch.setattr(
             layers, "DENSE_MAX_TOKEN_SLOTS", 10_000 if mode == "dense" else 0
         )
+        monkeypatch.setattr(layers, "RUNS_MIN_LENGTH", 3 if mode == "runs" else 99)
         batch.set(slots, x.device)
         assert batch.mode == mode, (mode, batch.mode)
+        if mode == "runs":  # two runs; tokens 3 and 8 gathered, one group each
+            assert batch.runs == [(0, 0, 3), (1, 5, 8)]
+            assert batch.rest is not None and batch.rest.mode == "groups"
         layer = LoRALinear(base, batch)
         layer.a, layer.b, layer.rank = a, b, r
         with torch.no_grad():

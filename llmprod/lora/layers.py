@@ -10,6 +10,9 @@ batch:
 
 * every token on one adapter: two matrix products on the whole batch;
 * a few groups: gather each group's rows, two products, add them back;
+* steps of long runs of tokens (prefill chunks: each request's tokens are
+  side by side in the flat batch): "runs", two products per run of tokens on
+  one adapter, on views of the batch (nothing gathered or scattered);
 * several adapters in a step of few tokens (decode): "dense", every token
   through every taking-part slot's ``A`` in one product (the slots' ``A`` side
   by side), the columns of other slots zeroed by a one-hot mask, then one
@@ -27,6 +30,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+RUNS_MIN_LENGTH = 16
+"""Runs of at least this many tokens on one adapter (prefill chunks) take the
+"runs" path; the step's other adapter tokens (decodes beside them) are gathered
+and take the path their count and slots call for."""
+
 DENSE_MAX_TOKEN_SLOTS = 4096
 """Steps with at most this many (token, slot) pairs take the "dense" path: decode
 steps of many requests over many adapters; a step with long prefill chunks
@@ -40,7 +48,15 @@ class LoRABatch:
 
     mode: str | None = None
     """None (no token has an adapter), "all" (every token on ``slot``),
-    "groups" (``groups``: (slot, token index) pairs), "dense" or "padded"."""
+    "runs" (``runs``: (slot, first token, end) of each run of tokens on one
+    adapter), "groups" (``groups``: (slot, token index) pairs), "dense" or
+    "padded"."""
+    runs: list[tuple[int, int, int]] = field(default_factory=list)
+    rest: LoRABatch | None = None
+    """"runs": how the tokens outside the runs map onto slots (None: no such
+    token has an adapter)."""
+    rest_index: torch.Tensor | None = None
+    """"runs": the flat batch's index of each of those tokens."""
     slot: int = 0
     groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     num_slots: int = 0
@@ -70,6 +86,26 @@ class LoRABatch:
             self.mode, self.slot = "all", next(iter(by_slot))
             return
         n = sum(len(v) for v in by_slot.values())
+        runs: list[tuple[int, int, int]] = []
+        for i, s in enumerate(slots):
+            if s < 0:
+                continue
+            if runs and runs[-1][0] == s and runs[-1][2] == i:
+                runs[-1] = (s, runs[-1][1], i + 1)
+            else:
+                runs.append((s, i, i + 1))
+        long = [run for run in runs if run[2] - run[1] >= RUNS_MIN_LENGTH]
+        if long:
+            self.mode, self.runs = "runs", long
+            inside = [False] * len(slots)
+            for _, lo, hi in long:
+                inside[lo:hi] = [True] * (hi - lo)
+            others = [i for i, s in enumerate(slots) if s >= 0 and not inside[i]]
+            if others:
+                self.rest = LoRABatch()
+                self.rest.set([slots[i] for i in others], device)
+                self.rest_index = torch.tensor(others, device=device)
+            return
         num_slots = max(by_slot) + 1
         if len(by_slot) > 1 and len(slots) * num_slots <= DENSE_MAX_TOKEN_SLOTS:
             onehot = torch.zeros(len(slots), num_slots)
@@ -103,7 +139,22 @@ class LoRABatch:
     def clear(self) -> None:
         self.mode = None
         self.groups = []
+        self.runs = []
+        self.rest = self.rest_index = None
         self.gather = self.keep = self.tokens = self.onehot = None
+
+
+def _add_delta(
+    y: torch.Tensor, xa: torch.Tensor, bs: list[torch.Tensor], rank: int
+) -> None:
+    """``y += `` each shard's ``B`` applied to its part of ``x A``, accumulated in
+    place (the product's output is as wide as the base's: a temporary of that
+    size, written then added, cost as much as the base product in prefill)."""
+    col = 0
+    for j, b in enumerate(bs):
+        width = b.shape[-1]
+        y[:, col : col + width].addmm_(xa[:, j * rank : (j + 1) * rank], b)
+        col += width
 
 
 def _delta(xa: torch.Tensor, bs: list[torch.Tensor], rank: int) -> torch.Tensor:
@@ -137,13 +188,17 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        b = self.batch
+        if self.batch.mode is not None and self.a is not None:
+            self._add_deltas(y, x, self.batch)
+        return y
+
+    def _add_deltas(self, y: torch.Tensor, x: torch.Tensor, b: LoRABatch) -> None:
+        """``y += `` the LoRA delta of each token of ``x`` as ``b`` maps them."""
         a = self.a
-        if b.mode is None or a is None:
-            return y
+        assert a is not None
         r = self.rank
         if b.mode == "all":
-            y += _delta(x @ a[b.slot], [m[b.slot] for m in self.b], r)
+            _add_delta(y, x @ a[b.slot], [m[b.slot] for m in self.b], r)
         elif b.mode == "dense":
             assert b.onehot is not None
             n, t = b.num_slots, x.shape[0]
@@ -161,6 +216,15 @@ class LoRALinear(nn.Module):
                 for j, m in enumerate(self.b)
             ]
             y += parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        elif b.mode == "runs":
+            for s, lo, hi in b.runs:
+                _add_delta(y[lo:hi], x[lo:hi] @ a[s], [m[s] for m in self.b], r)
+            if b.rest is not None:
+                assert b.rest_index is not None
+                xs = x.index_select(0, b.rest_index)
+                d = y.new_zeros(xs.shape[0], y.shape[1])
+                self._add_deltas(d, xs, b.rest)
+                y.index_add_(0, b.rest_index, d)
         elif b.mode == "groups":
             for s, idx in b.groups:
                 xs = x.index_select(0, idx)
@@ -171,4 +235,3 @@ class LoRALinear(nn.Module):
             xp = x.index_select(0, b.gather).view(n, b.rows, -1)
             d = _delta(torch.bmm(xp, a[:n]), [m[:n] for m in self.b], r)
             y.index_add_(0, b.tokens, d.view(n * b.rows, -1).index_select(0, b.keep))
-        return y
