@@ -180,6 +180,8 @@ class LoRAManager:
         for m in self._modules.values():
             for t in [m.a, *m.b] if m.a is not None else []:
                 total += t.numel() * t.element_size()
+            if m._a_cols is not None:  # the dense path's copy of A, once made
+                total += m._a_cols.numel() * m._a_cols.element_size()
         return total
 
     # ------------------------------------------------------------ requests
@@ -263,6 +265,7 @@ class LoRAManager:
         rank = max((a.weights.rank for a in adapters), default=0)
         old_slots = self._slots
         for (layer, fused), module in self._modules.items():
+            module._a_cols = module._a_cols_of = None  # remade from the new A
             shape = self.shapes[fused]
             present = [(k, a) for k, a in enumerate(adapters)
                        if (layer, fused) in a.modules]  # fmt: skip
