@@ -238,7 +238,7 @@ class Admission:
                 f"params must be SamplingParams, got {type(params).__name__}", "params"
             )
         inputs.check_prompt(prompt)
-        inputs.check_stop_token_ids(params, self.vocab_size)
+        inputs.check_token_ids(params, self.vocab_size)
         text = context = None
         flags: dict[str, Any] = {}
         if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):

@@ -159,9 +159,10 @@ def prompt_token_ids(prompt: Prompt, tokenizer: Any, vocab_size: int) -> list[in
     return ids
 
 
-def check_stop_token_ids(params: SamplingParams, vocab_size: int) -> None:
-    """Stop token ids the model can produce (checked at submit: the vocabulary is
-    the model's)."""
+def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
+    """The token ids a request names (``stop_token_ids``, ``logprob_token_ids``)
+    are in the model's vocabulary (checked at submit: the vocabulary is the
+    model's)."""
     for name in ("stop_token_ids", "logprob_token_ids"):
         for t in getattr(params, name):
             if t >= vocab_size:

@@ -43,10 +43,10 @@ from llmprod.sched.speculative import NgramProposer
 __all__ = ["DraftProposer"]
 
 LOOKUP_FIRST_MIN = 2
-"""Shortest suffix whose earlier occurrence replaces the draft's guesses. A
-one-token match guesses worse than the draft; measured at batch 1 on 2 cores
-(docs/benchmarks.md, "Speculative decoding"): 2 gained more than 1 or 3 on
-copying, summarising, answering from a context and code."""
+"""Shortest suffix whose earlier occurrence replaces the draft's guesses (or
+``prompt_lookup_min`` if larger). Chosen in exploratory runs at batch 1 on 2
+cores, where 2 gained more than 1 or 3 on copying, summarising, answering from
+a context and code (a one-token match guesses worse than the draft)."""
 
 
 @dataclass(slots=True)
@@ -100,6 +100,9 @@ class DraftProposer:
         self.target_vocab = target_vocab
         self.eos_token_ids = frozenset(eos_token_ids)
         self.lookup = lookup
+        self._lookup_min = max(
+            LOOKUP_FIRST_MIN, lookup.cfg.prompt_lookup_min if lookup else 0
+        )
         self.lookups = 0
         """Proposals that came from prompt lookup (no draft forward)."""
         self.free_blocks = list(range(num_blocks - 1, -1, -1))
@@ -164,8 +167,7 @@ class DraftProposer:
         """Up to ``k`` guesses following ``req``'s tokens ([] when no lane or no
         blocks are free). The model runs on the compute thread."""
         if self.lookup is not None:
-            n_min = max(LOOKUP_FIRST_MIN, self.lookup.cfg.prompt_lookup_min)
-            guesses = self.lookup.propose(req.token_ids, k, n_min=n_min)
+            guesses = self.lookup.propose(req.token_ids, k, n_min=self._lookup_min)
             if guesses:
                 self.lookups += 1
                 return guesses

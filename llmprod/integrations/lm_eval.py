@@ -21,8 +21,8 @@ and whose first generated position reports each choice's log-probability
 (``logprob_token_ids``). Other loglikelihoods come from the engine's
 ``prompt_logprobs`` from the continuation on (``prompt_logprobs_start``, so the
 context may come from the prefix cache). Each batch of requests is submitted at
-once, and the engine packs them into flat token batches without padding. ``generate_until`` runs the
-engine's generation with the request's stop strings and the ``hf`` backend's
+once, and the engine packs them into flat token batches without padding.
+``generate_until`` runs the engine's generation with the request's stop strings and the ``hf`` backend's
 post-processing (stop at the first stop string, EOS included).
 
 Needs ``pip install 'llmprod[eval]'``.
@@ -197,18 +197,19 @@ class LLMProdLM(TemplateLM):
         # engine reports each choice's log-probability at its last position
         # (``logprob_token_ids``). Longer continuations are scored from the
         # engine's ``prompt_logprobs``.
+        one_token = [
+            len(cont) == 1 and len(w) > 1 for w, (_, _, cont) in zip(windows, requests)
+        ]
         by_input: dict[tuple[int, ...], set[int]] = {}
-        for window, (_, _, cont) in zip(windows, requests):
-            if len(cont) == 1 and len(window) > 1:
-                by_input.setdefault(window[:-1], set()).add(window[-1])
         # Equal windows are scored once, from the earliest continuation among
         # them: the tokens before it may come from the prefix cache.
         score_from: dict[tuple[int, ...], int] = {}
-        for window, (_, _, cont) in zip(windows, requests):
-            if len(cont) == 1 and window[:-1] in by_input:
-                continue
-            start = len(window) - len(cont)
-            score_from[window] = min(score_from.get(window, start), start)
+        for window, (_, _, cont), single in zip(windows, requests, one_token):
+            if single:
+                by_input.setdefault(window[:-1], set()).add(window[-1])
+            else:
+                start = len(window) - len(cont)
+                score_from[window] = min(score_from.get(window, start), start)
         # (kind, tokens): "input" of a one-token group, or "window".
         jobs: list[tuple[tuple[str, tuple[int, ...]], SamplingParams]] = [
             (
@@ -246,8 +247,8 @@ class LLMProdLM(TemplateLM):
         bar.close()
 
         results: list[tuple[float, bool]] = []
-        for (key, _, cont), window in zip(requests, windows):
-            if len(cont) == 1 and window[:-1] in by_input:
+        for (key, _, cont), window, single in zip(requests, windows, one_token):
+            if single:
                 gen = scored["input", window[:-1]].logprobs
                 assert gen
                 best = max(gen[0].top, key=gen[0].top.__getitem__)

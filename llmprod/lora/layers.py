@@ -97,10 +97,8 @@ class LoRABatch:
         long = [run for run in runs if run[2] - run[1] >= RUNS_MIN_LENGTH]
         if long:
             self.mode, self.runs = "runs", long
-            inside = [False] * len(slots)
-            for _, lo, hi in long:
-                inside[lo:hi] = [True] * (hi - lo)
-            others = [i for i, s in enumerate(slots) if s >= 0 and not inside[i]]
+            others = [i for _, lo, hi in runs if hi - lo < RUNS_MIN_LENGTH
+                      for i in range(lo, hi)]  # fmt: skip
             if others:
                 self.rest = LoRABatch()
                 self.rest.set([slots[i] for i in others], device)
