@@ -26,7 +26,6 @@ import transformers
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
-from llmprod import Engine
 from llmprod.integrations.lm_eval import LLMProdLM
 
 TASK_DIR = Path(__file__).resolve().parents[1] / "tests" / "data" / "lm_eval"
@@ -70,7 +69,14 @@ def main() -> None:
     ap.add_argument("--llmprod-batch-size", type=int, default=256)
     args = ap.parse_args()
 
-    engine = Engine.from_pretrained("smollm2-135m", dtype="float32", seed=0)
+    # The engine the backend builds for itself (its scoring block size).
+    our_lm = LLMProdLM(
+        pretrained="smollm2-135m",
+        batch_size=args.llmprod_batch_size,
+        dtype="float32",
+        seed=0,
+    )
+    engine = our_lm.engine
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(engine.model_path, dtype=torch.float32)
@@ -78,7 +84,6 @@ def main() -> None:
     hf_lm = HFLM(
         pretrained=model, tokenizer=engine.tokenizer, batch_size=args.hf_batch_size
     )
-    our_lm = LLMProdLM(engine=engine, batch_size=args.llmprod_batch_size)
     tasks = TaskManager(include_path=str(TASK_DIR))  # indexing it is not timed
     for lm in (hf_lm, our_lm):
         run(lm, tasks, 2)  # warm-up
@@ -106,7 +111,7 @@ def main() -> None:
         f"max |loglikelihood difference| {max_diff:.2e}; "
         f"generations that differ: {num_differ} of {num_gen}"
     )
-    engine.close()
+    our_lm.close()
 
 
 if __name__ == "__main__":

@@ -47,6 +47,11 @@ class StepResult:
         return {i: len(toks) - 1 for i, toks in self.tokens.items()}
 
 
+PROMPT_LOGPROB_ROWS = 256
+"""Prompt positions whose log-probabilities go through lm_head in one product
+(256 rows of SmolLM2's 49,152-token vocabulary: 48 MiB of float32 logits)."""
+
+
 def zeroed_kv_caches(
     num_layers: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 ) -> list[torch.Tensor]:
@@ -326,6 +331,8 @@ class ModelRunner:
         (index into ``scheduled``, index of the first prompt token covered, the
         entries). Tokens before ``prompt_logprobs_start`` get None."""
         found: list[tuple[int, int, list[TokenLogprob | None]]] = []
+        rows: list[torch.Tensor] = []  # hidden rows to score, all entries together
+        wanted: list[tuple[list[TokenLogprob | None], list[int], int]] = []
         for i, e in enumerate(out.scheduled):
             r = e.request
             k = r.params.prompt_logprobs
@@ -338,11 +345,30 @@ class ModelRunner:
             lo = max(e.start, r.params.prompt_logprobs_start - 1)
             lps: list[TokenLogprob | None] = [None] * (max(lo, e.start) + 1 - first)
             if end > lo:
-                h = hidden[cu[i] + (lo - e.start) : cu[i] + (end - e.start)]
-                lp = torch.log_softmax(self.model.compute_logits(h), dim=-1)
-                targets = r.prompt_token_ids[lo + 1 : end + 1]
-                lps.extend(make_logprob(lp[j], t, k) for j, t in enumerate(targets))
+                rows.append(hidden[cu[i] + (lo - e.start) : cu[i] + (end - e.start)])
+                wanted.append((lps, r.prompt_token_ids[lo + 1 : end + 1], k))
             else:
                 lps = [None] * max(min(end, num_prompt - 1) + 1 - first, 0)
             found.append((i, first, lps))
+        if rows:
+            self._score_rows(torch.cat(rows), wanted)
         return found
+
+    def _score_rows(
+        self,
+        hidden: torch.Tensor,
+        wanted: list[tuple[list[TokenLogprob | None], list[int], int]],
+    ) -> None:
+        """Append to each ``(lps, targets, k)`` of ``wanted`` the log-probability
+        of each target (and its ``k`` best alternatives) from consecutive rows of
+        ``hidden``. The rows of all entries go through lm_head together, in
+        slices of ``PROMPT_LOGPROB_ROWS`` (one matrix product reads the head's
+        weights once, where one per entry would read them once each)."""
+        targets = [(lps, t, k) for lps, ts, k in wanted for t in ts]
+        for at in range(0, len(targets), PROMPT_LOGPROB_ROWS):
+            part = targets[at : at + PROMPT_LOGPROB_ROWS]
+            lp = torch.log_softmax(
+                self.model.compute_logits(hidden[at : at + len(part)]), dim=-1
+            )
+            for j, (lps, t, k) in enumerate(part):
+                lps.append(make_logprob(lp[j], t, k))

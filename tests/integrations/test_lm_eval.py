@@ -101,6 +101,30 @@ def test_whole_tasks_score_as_the_hf_backend(
     assert ours["results"]["llmprod_gen"]["exact_match,strip"] > 0.1
 
 
+def test_continuations_of_one_context_reuse_its_kv_blocks(
+    hf_lm: HFLM, llmprod_lm: LLMProdLM, engine: Engine
+) -> None:
+    # Multi-token continuations of one context: the first runs it, the others
+    # take its whole blocks from the prefix cache and score the same.
+    ctx = (
+        "Question: Which harbour town on the northern coast keeps the oldest "
+        "working lighthouse, lit every night since the storm of the long "
+        "winter?\nAnswer:"
+    )
+    conts = [" the town of Wick", " a village by the cliffs", " nobody knows it"]
+    reqs = [Instance("loglikelihood", {}, (ctx, c), i) for i, c in enumerate(conts)]
+    before = engine.kv.num_prefix_hit_tokens
+    ours = llmprod_lm.loglikelihood(reqs)
+    hits = engine.kv.num_prefix_hit_tokens - before
+    ctx_len = len(llmprod_lm.tok_encode(ctx))
+    assert ctx_len >= 2 * engine.block_size
+    whole = ctx_len // engine.block_size * engine.block_size
+    assert hits >= (len(conts) - 1) * (whole - engine.block_size)
+    for (h_ll, h_greedy), (o_ll, o_greedy) in zip(hf_lm.loglikelihood(reqs), ours):
+        assert o_ll == pytest.approx(h_ll, abs=LL_TOLERANCE)
+        assert o_greedy == h_greedy
+
+
 def test_rolling_loglikelihood_over_several_windows(
     hf_model: Any, engine: Engine
 ) -> None:
