@@ -204,6 +204,40 @@ def test_backend_resolution() -> None:
         resolve_linear_backend("mkl", cpu, torch.float32)
 
 
+@needs_onednn
+def test_auto_keeps_mkl_for_float32_on_intel_cpus(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The vendor is faked: the rule is what is checked, on whatever CPU runs it.
+    import platform
+
+    import llmprod.layers.linear as linear
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the oneDNN choice is made on x86-64 only")
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(linear, "cpu_vendor", lambda: "GenuineIntel")
+    assert resolve_linear_backend("auto", cpu, torch.float32) == "torch"
+    assert resolve_linear_backend("onednn", cpu, torch.float32) == "onednn"
+    monkeypatch.setattr(linear, "cpu_vendor", lambda: "AuthenticAMD")
+    assert resolve_linear_backend("auto", cpu, torch.float32) == "onednn"
+
+
+def test_cpu_vendor_reads_the_cpu() -> None:
+    from llmprod.layers.linear import cpu_vendor
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        assert cpu_vendor() == ""
+        return
+    if "vendor_id" in text:
+        assert cpu_vendor() and cpu_vendor() in text
+    else:  # e.g. an ARM CPU
+        assert cpu_vendor() == ""
+
+
 def test_engine_reports_and_validates_its_linear_backend(
     engine: Any, make_engine: Any
 ) -> None:

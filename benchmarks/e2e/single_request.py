@@ -28,6 +28,7 @@ SYSTEMS: dict[str, dict[str, Any] | None] = {
     BASELINE: None,
     "llmprod fp32": {},
     "llmprod fp32, linear_backend='torch'": {"linear_backend": "torch"},
+    "llmprod fp32, linear_backend='onednn'": {"linear_backend": "onednn"},
     "llmprod fp32, generic path": {"model_impl": "generic"},
     "llmprod fp32, greedy_screening='off'": {"greedy_screening": "off"},
     "llmprod int8": {"quantization": "int8"},
