@@ -7,7 +7,7 @@ its GEMM reaches less than half of what oneDNN, which PyTorch ships beside it,
 reaches (223 against 497 GFLOP/s). Through oneDNN the SmolLM2-135M layers run
 1.6x (one row) to 2.2x (256 rows) faster on 2 threads (docs/benchmarks.md,
 "Linear layers through oneDNN"). On an Intel Xeon it is the other way round at
-one row (MKL 1.36x faster than packed oneDNN) and even with more rows, so float32
+one row (MKL 1.4x-1.6x faster than packed oneDNN) and even with more rows, so float32
 keeps MKL on Intel CPUs (:func:`resolve_linear_backend`).
 
 :func:`use_onednn_linears` switches a model's float32 ``nn.Linear`` modules to
@@ -142,7 +142,7 @@ def resolve_linear_backend(name: str, device: torch.device, dtype: torch.dtype) 
     other than Intel's, and for bfloat16 where the CPU has bf16 instructions
     (AVX-512 BF16 or AMX); and ``"torch"`` otherwise (CUDA, other dtypes, other
     CPUs, where it is not measured). On Intel CPUs float32 keeps PyTorch's MKL
-    path: there MKL's one-row product ran the model's layers 1.36x faster than
+    path: there MKL's one-row product ran the model's layers 1.4x-1.6x faster than
     packed oneDNN and batched steps ran alike, where on an AMD EPYC oneDNN was
     1.6x-2.2x faster at every row count (docs/benchmarks.md, "Linear layers
     through oneDNN").
