@@ -219,6 +219,8 @@ def test_auto_keeps_mkl_for_float32_on_intel_cpus(
     monkeypatch.setattr(linear, "cpu_vendor", lambda: "GenuineIntel")
     assert resolve_linear_backend("auto", cpu, torch.float32) == "torch"
     assert resolve_linear_backend("onednn", cpu, torch.float32) == "onednn"
+    # Speculative steps verify several rows, where packed oneDNN is faster.
+    assert resolve_linear_backend("auto", cpu, torch.float32, True) == "onednn"
     monkeypatch.setattr(linear, "cpu_vendor", lambda: "AuthenticAMD")
     assert resolve_linear_backend("auto", cpu, torch.float32) == "onednn"
 

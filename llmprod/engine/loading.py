@@ -153,7 +153,9 @@ def linear_backend(
 ) -> str:
     """ "onednn" or "torch": who computes the float32 and bfloat16 linear layers."""
     try:
-        return resolve_linear_backend(config.linear_backend, device, dtype)
+        return resolve_linear_backend(
+            config.linear_backend, device, dtype, config.speculative is not None
+        )
     except ValueError as exc:
         raise InvalidConfigError(str(exc), "linear_backend") from exc
 

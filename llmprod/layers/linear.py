@@ -7,8 +7,9 @@ its GEMM reaches less than half of what oneDNN, which PyTorch ships beside it,
 reaches (223 against 497 GFLOP/s). Through oneDNN the SmolLM2-135M layers run
 1.6x (one row) to 2.2x (256 rows) faster on 2 threads (docs/benchmarks.md,
 "Linear layers through oneDNN"). On an Intel Xeon it is the other way round at
-one row (MKL 1.4x-1.6x faster than packed oneDNN) and even with more rows, so float32
-keeps MKL on Intel CPUs (:func:`resolve_linear_backend`).
+one row (MKL 1.4x-1.6x faster than packed oneDNN) and even with many rows, so
+float32 keeps MKL on Intel CPUs unless steps of a few rows (speculative
+verification) are the rule (:func:`resolve_linear_backend`).
 
 :func:`use_onednn_linears` switches a model's float32 ``nn.Linear`` modules to
 :class:`OneDNNLinear`, in place: same parameters (tied weights stay tied), same
@@ -135,17 +136,21 @@ def _packed(weight: torch.Tensor) -> nn.Parameter:
     )
 
 
-def resolve_linear_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+def resolve_linear_backend(
+    name: str, device: torch.device, dtype: torch.dtype, speculative: bool = False
+) -> str:
     """The linear backend ``name`` means for a model on ``device`` in ``dtype``.
 
     ``"auto"`` takes oneDNN on an x86-64 CPU where it works: for float32 on CPUs
     other than Intel's, and for bfloat16 where the CPU has bf16 instructions
     (AVX-512 BF16 or AMX); and ``"torch"`` otherwise (CUDA, other dtypes, other
     CPUs, where it is not measured). On Intel CPUs float32 keeps PyTorch's MKL
-    path: there MKL's one-row product ran the model's layers 1.4x-1.6x faster than
-    packed oneDNN and batched steps ran alike, where on an AMD EPYC oneDNN was
-    1.6x-2.2x faster at every row count (docs/benchmarks.md, "Linear layers
-    through oneDNN").
+    path unless the engine ``speculative``-ly decodes: there MKL's one-row
+    product ran the model's layers 1.4x-1.6x faster than packed oneDNN and large
+    batches ran alike, but 4 rows (a speculative step verifying 3-4 guesses) took
+    MKL 1.8x its one-row time and packed oneDNN no more than one row; on an AMD
+    EPYC oneDNN was 1.6x-2.2x faster at every row count (docs/benchmarks.md,
+    "Linear layers through oneDNN").
 
     Raises:
         ValueError: ``"onednn"`` was asked for where it cannot run.
@@ -170,7 +175,7 @@ def resolve_linear_backend(name: str, device: torch.device, dtype: torch.dtype) 
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     if dtype == torch.bfloat16 and not bf16_hardware():
         return "torch"
-    if dtype == torch.float32 and cpu_vendor() == "GenuineIntel":
+    if dtype == torch.float32 and cpu_vendor() == "GenuineIntel" and not speculative:
         return "torch"  # MKL's own CPUs: its kernels beat oneDNN's at one row
     return "onednn" if fits and x86 and onednn_available(dtype) else "torch"
 
