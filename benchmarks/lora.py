@@ -19,6 +19,7 @@ engine without adapters.
 
     python -m benchmarks.lora --repeats 3 --rank 8
     python -m benchmarks.lora --repeats 3 --rank 16 --cases base,adapters:16
+    python -m benchmarks.lora --profile adapters:16     # where its time goes
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.e2e.harness import run_each_in_own_process
+from benchmarks.e2e.harness import profile_compute_thread, run_each_in_own_process
 
 MODEL = "smollm2-135m"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -98,16 +99,24 @@ def measure(case: str, args: argparse.Namespace) -> dict[str, Any]:
     for i, e in enumerate(engines):
         e.generate(prompts[:2], warm, adapter=names[i] if count else None)
     tokens: list[list[int]] = [[] for _ in prompts]
+
+    def run() -> None:
+        nonlocal tokens
+        if kind == "engines":
+            for i, e in enumerate(engines):
+                mine = [j for j in range(len(prompts)) if j % count == i]
+                outs = e.generate([prompts[j] for j in mine], sp, adapter=f"a{i}")
+                for j, o in zip(mine, outs):
+                    tokens[j] = o.token_ids
+        else:
+            outs = engines[0].generate(prompts, sp, adapter=names)
+            tokens = [o.token_ids for o in outs]
+
     t = time.perf_counter()
-    if kind == "engines":
-        for i, e in enumerate(engines):
-            mine = [j for j in range(len(prompts)) if j % count == i]
-            outs = e.generate([prompts[j] for j in mine], sp, adapter=f"a{i}")
-            for j, o in zip(mine, outs):
-                tokens[j] = o.token_ids
+    if args.profile:
+        print(profile_compute_thread(run, 30))
     else:
-        outs = engines[0].generate(prompts, sp, adapter=names)
-        tokens = [o.token_ids for o in outs]
+        run()
     wall = time.perf_counter() - t
     for e in engines:
         e.close()
@@ -126,7 +135,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--adapter-dir", default="/tmp/llmprod-bench-adapters")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # child process
+    ap.add_argument(
+        "--profile",
+        metavar="CASE",
+        help="run CASE once in this process under torch's profiler and print "
+        "the ops with the most self CPU time (no comparison)",
+    )
     args = ap.parse_args()
+    if args.profile:
+        args.case = args.profile
+        if ":" in args.case:
+            build_adapters(
+                Path(args.adapter_dir), int(args.case.split(":")[1]), args.rank
+            )
+        result = measure(args.case, args)
+        print(f"{args.case}: {result['wall_s']:.2f} s under the profiler")
+        return
     if args.case:
         print(json.dumps(measure(args.case, args)))
         return

@@ -40,3 +40,24 @@ def run_each_in_own_process(
             )
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     return runs
+
+
+def profile_compute_thread(fn: Callable[[], object], rows: int = 25) -> str:
+    """Run ``fn`` (which drives engines) with torch's profiler recording the ops
+    of llmprod's compute thread, where every CPU engine's model steps run; the
+    table of the ``rows`` ops with the most self CPU time. (A profiler entered on
+    the calling thread would see none of them.)"""
+    import torch
+
+    from llmprod.exec.threads import run_on_compute_thread
+
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    run_on_compute_thread(prof.__enter__)
+    try:
+        fn()
+    finally:
+        run_on_compute_thread(prof.__exit__, None, None, None)
+    table: str = prof.key_averages().table(
+        sort_by="self_cpu_time_total", row_limit=rows
+    )
+    return table
