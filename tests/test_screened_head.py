@@ -191,3 +191,35 @@ def test_close_releases_the_int8_copy(make_engine: Any) -> None:
     eng.close()
     assert head.nbytes == 0
     assert eng.metrics().engine["greedy_screening"]["enabled"] is True
+
+
+def _q8_blocks(weight: torch.Tensor) -> Any:
+    """``weight`` rounded to Q8_0 blocks (an int8 code per weight, a float16
+    scale per 32), as a GGUF file stores SmolLM2's embedding."""
+    from llmprod.quant.q8 import Q8Weight
+
+    n, k = weight.shape
+    blocks = weight.view(n, k // 32, 32)
+    d = (blocks.abs().amax(-1) / 127).half()
+    q = (blocks / d.float().clamp_min(1e-30)[..., None]).round().clamp(-127, 127)
+    return Q8Weight(q.to(torch.int8).view(n, k), d)
+
+
+def test_q8_blocks_screen_to_the_full_product_token(
+    engine: Engine, real_hidden: torch.Tensor
+) -> None:
+    # lm_head held in Q8_0 blocks (quantization="gguf"): the screen is built from
+    # the blocks and rescores its candidates from them, exactly.
+    q8 = _q8_blocks(engine.model.lm_head.weight.detach())
+    head = ScreenedGreedyHead(q8)
+    exact_w = q8.dequantize()
+    screened = head.screen(real_hidden)
+    assert screened is not None
+    scores, bound = screened
+    exact = real_hidden.double() @ exact_w.double().t()
+    assert float((bound.double() - (exact - scores.double()).abs()).min()) >= 0
+    for i in range(0, real_hidden.shape[0], 3):
+        row = real_hidden[i : i + 1]
+        assert head.argmax(row) == full_argmax(row, exact_w), f"row {i}"
+    assert head.argmax(real_hidden[:8]) == full_argmax(real_hidden[:8], exact_w)
+    assert head.fallback_rows == 0

@@ -187,7 +187,7 @@ def _quantize_int4(
     gguf_path: Path | None,
 ) -> str:
     """Swap in int4 layers: the GGUF file's own Q4 codes, or quantized now."""
-    from llmprod.quant.gguf import GGUFTypeError, load_gguf_int4
+    from llmprod.quant.gguf import GGUFTypeError, load_gguf_int4, load_gguf_q8
     from llmprod.quant.int4 import quantize_model_int4
 
     if next(model.parameters()).device.type != "cpu":
@@ -197,9 +197,12 @@ def _quantize_int4(
             "quantization",
         )
     t0 = time.perf_counter()
+    q8: list[str] = []
     try:
         if gguf_path is not None:
             n = load_gguf_int4(model, gguf_path, hf_config, config.quantization_skip)
+            # Lossless: Q8_0 blocks give the float32 embedding exactly.
+            q8 = load_gguf_q8(model, gguf_path, hf_config)
         else:
             n = quantize_model_int4(
                 model, config.quantization_group_size, config.quantization_skip
@@ -210,9 +213,10 @@ def _quantize_int4(
 
     release_freed_memory()  # the float32 weights the int4 layers replaced
     logger.info(
-        "%s: %d linear layers in int4 (%.2f s)",
+        "%s: %d linear layers in int4%s (%.2f s)",
         config.quantization,
         n,
+        f", {' and '.join(q8)} in Q8_0" if q8 else "",
         time.perf_counter() - t0,
     )
     return str(config.quantization)

@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmprod.quant.q8 import Q8Head, Q8Weight
 from llmprod.quant.scheme import quantize_per_channel
 from llmprod.quant.weight_only import (
     _FUSED_K_MULTIPLE,
@@ -80,7 +81,8 @@ class ScreenedGreedyHead:
 
     Args:
         weight: the float32 lm_head weight ``[vocab, hidden]`` (kept by reference,
-            not copied; a tied embedding stays shared).
+            not copied; a tied embedding stays shared), or its Q8_0 blocks
+            (candidates are rescored from them, exactly).
         max_rows: steps with more sampled rows take the full product.
         max_candidates: per-row average above which a step takes the full product.
 
@@ -91,29 +93,41 @@ class ScreenedGreedyHead:
 
     def __init__(
         self,
-        weight: torch.Tensor,
+        weight: torch.Tensor | Q8Weight,
         max_rows: int = DEFAULT_MAX_ROWS,
         max_candidates: int = DEFAULT_MAX_CANDIDATES,
     ) -> None:
-        if weight.dim() != 2 or weight.dtype != torch.float32:
-            raise ValueError(
-                f"screening needs a 2-D float32 weight, got {weight.dtype} "
-                f"{tuple(weight.shape)}"
-            )
-        k = weight.shape[1]
+        if isinstance(weight, Q8Weight):
+            self.weight: torch.Tensor | Q8Weight = weight
+            rows, self._gather = weight.rows, weight.gather
+        else:
+            if weight.dim() != 2 or weight.dtype != torch.float32:
+                raise ValueError(
+                    f"screening needs a 2-D float32 weight, got {weight.dtype} "
+                    f"{tuple(weight.shape)}"
+                )
+            w32 = self.weight = weight.detach()
+
+            def rows(lo: int, hi: int) -> torch.Tensor:
+                return w32[lo:hi]
+
+            def gather(index: torch.Tensor) -> torch.Tensor:
+                return w32.index_select(0, index)
+
+            self._gather = gather
+        vocab, k = int(weight.shape[0]), int(weight.shape[1])
         if k % _FUSED_K_MULTIPLE:
             raise ValueError(
                 f"screening needs a hidden size that is a multiple of "
                 f"{_FUSED_K_MULTIPLE}, got {k}"
             )
-        self.weight = weight.detach()
+        self.vocab = vocab
         self.max_rows = max_rows
         self.max_candidates = max_candidates
         # gamma_K: float32 summation error of a K-long dot product, relative to
         # the sum of the absolute terms.
         u = 2.0**-24
         self._gamma = k * u / (1 - k * u)
-        vocab = self.weight.shape[0]
         q = torch.empty(vocab, k, dtype=torch.int8)
         s = torch.empty(vocab, dtype=torch.float32)
         r = torch.empty(vocab, dtype=torch.float64)
@@ -122,7 +136,7 @@ class ScreenedGreedyHead:
         # vocabulary would need GBs at once).
         for lo in range(0, vocab, _BUILD_ROWS):
             hi = min(lo + _BUILD_ROWS, vocab)
-            w = self.weight[lo:hi]
+            w = rows(lo, hi)
             q[lo:hi], s[lo:hi] = quantize_per_channel(w)  # raises on inf/NaN
             w64, q64, s64 = w.double(), q[lo:hi].double(), s[lo:hi].double()
             # r[n] and a[n] from the module docstring, in float64.
@@ -153,6 +167,7 @@ class ScreenedGreedyHead:
         """Drop the tensors (engine close); the counters stay readable."""
         empty = torch.empty(0)
         self.weight = self._q = self._scales = self._r = self._a = empty
+        self._gather = lambda index: empty
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -206,13 +221,12 @@ class ScreenedGreedyHead:
         if n > self.max_candidates * m or not bool(torch.isfinite(floor).all()):
             self.fallback_rows += m
             return None
-        exact = (self.weight.index_select(0, cols) * x.index_select(0, rows)).sum(1)
+        exact = (self._gather(cols) * x.index_select(0, rows)).sum(1)
         best = torch.full((m,), float("-inf")).scatter_reduce(
             0, rows, exact, "amax", include_self=True
         )
         top = exact == best.index_select(0, rows)
-        vocab = self.weight.shape[0]
-        first = torch.full((m,), vocab, dtype=cols.dtype).scatter_reduce(
+        first = torch.full((m,), self.vocab, dtype=cols.dtype).scatter_reduce(
             0, rows[top], cols[top], "amin", include_self=True
         )
         self.rows += m
@@ -234,8 +248,9 @@ def screened_head_for(
     """The screen for ``model``'s lm_head, or None where it does not apply.
 
     It applies on CPU when the logits are exactly ``lm_head(hidden)`` (the model's
-    ``plain_logits``), lm_head is a float32 linear layer without bias whose width
-    is a multiple of 16, and ``aten._weight_int8pack_mm`` runs here.
+    ``plain_logits``), lm_head is a float32 linear layer without bias (or a
+    :class:`~llmprod.quant.q8.Q8Head`) whose width is a multiple of 16, and
+    ``aten._weight_int8pack_mm`` runs here.
 
     Args:
         model: a native or generic model.
@@ -248,12 +263,14 @@ def screened_head_for(
     if mode == "off":
         return None
     head = getattr(model, "lm_head", None)
-    weight = getattr(head, "weight", None)
+    weight = head.q8 if isinstance(head, Q8Head) else getattr(head, "weight", None)
     why = None
     if device.type != "cpu":
         why = f"it runs on CPU, not {device.type}"
     elif not getattr(model, "plain_logits", False):
         why = "the model post-processes its logits (scaling or soft-capping)"
+    elif isinstance(weight, Q8Weight):
+        pass
     elif not isinstance(head, nn.Linear) or head.bias is not None:
         why = (
             f"lm_head is {type(head).__name__}, not a float32 linear layer without bias"
@@ -269,5 +286,5 @@ def screened_head_for(
             raise ValueError(f"greedy_screening='on' cannot apply: {why}")
         logger.debug("greedy screening off: %s", why)
         return None
-    assert isinstance(weight, torch.Tensor)
+    assert isinstance(weight, (torch.Tensor, Q8Weight))
     return ScreenedGreedyHead(weight)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from llmprod.quant.int4 import WeightOnlyInt4Linear
+from llmprod.quant.q8 import Q8Embedding, Q8Head
 from llmprod.quant.weight_only import WeightOnlyInt8Linear
 
 __all__ = ["weight_bytes_by_format"]
@@ -32,7 +33,7 @@ def _format(t: torch.Tensor) -> str:
 def weight_bytes_by_format(model: nn.Module, *extra: Any) -> dict[str, int]:
     """Resident bytes of the model's weights, keyed by format: ``"int4"`` (codes,
     scales and minimums of int4 layers), ``"int8"`` (int8 layers, with their
-    scales), and the dtype name of every other parameter and buffer
+    scales), ``"q8_0"`` (a GGUF Q8_0 embedding or lm_head, codes and scales), and the dtype name of every other parameter and buffer
     (``"float32"``...). A storage shared by several tensors (tied embeddings)
     counts once. ``extra``: other holders of weight copies (the greedy head's
     int8 lm_head), whose tensor attributes count too.
@@ -58,6 +59,10 @@ def weight_bytes_by_format(model: nn.Module, *extra: Any) -> dict[str, int]:
                       module._scale_zeros):  # fmt: skip
                 add("int4", t)
             add("float32", module.bias)
+            continue
+        if isinstance(module, (Q8Embedding, Q8Head)):
+            add("q8_0", module.q8.codes)
+            add("q8_0", module.q8.scales)
             continue
         if isinstance(module, WeightOnlyInt8Linear):
             add("int8", module.weight)

@@ -3,13 +3,17 @@
 ``quantization="gguf"`` on a model that came from a GGUF file: every linear layer
 whose GGUF tensor is Q4_0 or Q4_1 becomes a
 :class:`~llmprod.quant.int4.WeightOnlyInt4Linear` holding the file's own codes,
-scales and minimums (Q4_0's minimum is ``-8 * scale``). Float tensors (F32, F16,
-BF16) and Q8_0 ones (whose 32-weight blocks the int8 kernel's per-row scales
-cannot hold) stay as the float32 the file expands to. Any other type is refused,
-naming the tensor and its type, before the model is built.
+scales and minimums (Q4_0's minimum is ``-8 * scale``). A Q8_0 token embedding
+(SmolLM2's) stays in its blocks too, as a :class:`~llmprod.quant.q8.Q8Embedding`,
+and so does lm_head where it is Q8_0 or tied to that embedding
+(:class:`~llmprod.quant.q8.Q8Head`): both give the float32 values exactly. Other
+float tensors (F32, F16, BF16, and Q8_0 linear layers, whose 32-weight blocks the
+int8 kernel's per-row scales cannot hold) stay as the float32 the file expands
+to. Any other type is refused, naming the tensor and its type, before the model
+is built.
 
-The layers are checked against the float32 model transformers built from the
-same file: ``scale * q + min`` must equal each weight bit for bit, which also
+Every swapped layer is checked against the float32 model transformers built from
+the same file: the blocks must reproduce each weight bit for bit, which also
 settles the row order of the projections GGUF stores permuted (Llama's q and k).
 """
 
@@ -27,6 +31,7 @@ import torch
 from torch import nn
 
 from llmprod.quant.int4 import Int4Weight, WeightOnlyInt4Linear
+from llmprod.quant.q8 import Q8Embedding, Q8Head, read_q8_0
 
 __all__ = [
     "NATIVE_TYPES",
@@ -34,6 +39,7 @@ __all__ = [
     "check_gguf_types",
     "gguf_file_of",
     "load_gguf_int4",
+    "load_gguf_q8",
     "read_gguf",
     "read_q4",
 ]
@@ -278,7 +284,7 @@ def load_gguf_int4(
         w = _match(name, parts, linear.weight.detach(), heads)
         bias = None if linear.bias is None else linear.bias.detach()
         layer = WeightOnlyInt4Linear.from_int4(w, bias)
-        layer.prepare()
+        layer.prepare(release_exact=True)  # the file keeps the exact scales
         _set_submodule(model, name, layer)
         swapped += 1
     return swapped
@@ -309,3 +315,52 @@ def _match(
         torch.cat([c.scales for c in chosen]),
         torch.cat([c.mins for c in chosen]),
     )
+
+
+def load_gguf_q8(model: Any, gguf_path: Path, hf_config: Any) -> list[str]:
+    """Hold a Q8_0 token embedding in its blocks, and lm_head with it where the
+    two are tied (or where lm_head is itself Q8_0). Returns the names of the
+    modules swapped. Only the native model's plain ``nn.Embedding`` and
+    bias-free ``nn.Linear`` are swapped (the generic path keeps transformers'
+    modules).
+
+    Raises:
+        GGUFTypeError: the blocks do not reproduce the model's float32 weight.
+    """
+    file = read_gguf(gguf_path)
+    tmap = _name_map(file.architecture, int(getattr(hf_config, "num_hidden_layers", 0)))
+
+    def q8_of(name: str, weight: torch.Tensor) -> Any:
+        gname = tmap.get_name(name + ".weight", try_suffixes=(".weight",))
+        t = file.tensors.get(gname or "")
+        if t is None or t.type_name != "Q8_0":
+            return None
+        w = read_q8_0(t.data)
+        if w.shape != tuple(weight.shape) or not torch.equal(
+            w.dequantize(), weight.detach().to(torch.float32)
+        ):
+            raise GGUFTypeError(
+                f"{name}: the GGUF Q8_0 blocks do not reproduce the model's float32 "
+                f"weight"
+            )
+        return w
+
+    if getattr(model, "impl", None) != "native":
+        return []  # the generic path's modules are transformers' own
+    swapped: list[str] = []
+    emb, head = model.model.embed_tokens, model.lm_head
+    plain_head = type(head) is nn.Linear and head.bias is None
+    if type(emb) is nn.Embedding:
+        w = q8_of("model.embed_tokens", emb.weight)
+        if w is not None:
+            model.model.embed_tokens = Q8Embedding(w, emb.weight.dtype)
+            swapped.append("model.embed_tokens")
+            if plain_head and head.weight is emb.weight:
+                model.lm_head = Q8Head(w)
+                swapped.append("lm_head")
+    if plain_head and "lm_head" not in swapped:
+        w = q8_of("lm_head", head.weight)
+        if w is not None:
+            model.lm_head = Q8Head(w)
+            swapped.append("lm_head")
+    return swapped

@@ -191,7 +191,11 @@ class WeightOnlyInt4Linear(nn.Module):
     byte, the even input index in the low nibble), ``scales`` and ``mins``
     (float32 ``[out, in // group_size]``) and an optional ``bias``. With the CPU
     kernel the codes live only in its packed layout (no second copy); the state
-    dict is rebuilt from it when asked for.
+    dict is rebuilt from it when asked for. ``prepare(release_exact=True)`` (what
+    the Engine's loaders call) also drops the float32 scales and minimums, so
+    that the layer holds one copy of its weight, the kernel's (the codes and the
+    bfloat16 scales and zero points it reads): a quarter less memory, and no state
+    dict (:meth:`int4_weight` then gives the weight the kernel computes with).
 
     Args:
         in_features, out_features: the shape.
@@ -237,6 +241,8 @@ class WeightOnlyInt4Linear(nn.Module):
         """The codes ``[out, in]``, until the kernel's layout replaces them."""
         self._packed: torch.Tensor | None = None
         self._scale_zeros: torch.Tensor | None = None
+        self.exact_released = False
+        """Whether :meth:`prepare` dropped the float32 scales and minimums."""
 
     @classmethod
     def from_int4(
@@ -265,11 +271,24 @@ class WeightOnlyInt4Linear(nn.Module):
         return _unpack_from_kernel(self._packed, self.out_features, self.in_features)
 
     def int4_weight(self) -> Int4Weight:
-        return Int4Weight(self.codes(), self.scales, self.mins)
+        """The codes, scales and minimums; after ``prepare(release_exact=True)``
+        the kernel's: its bfloat16 scales, and minimums ``zero - 8 * scale``."""
+        if not self.exact_released:
+            return Int4Weight(self.codes(), self.scales, self.mins)
+        assert self._scale_zeros is not None
+        sz = self._scale_zeros.to(torch.float32).transpose(0, 1)  # [out, groups, 2]
+        scales = sz[..., 0].contiguous()
+        return Int4Weight(self.codes(), scales, sz[..., 1] - 8 * scales)
 
     def _save_to_state_dict(
         self, destination: dict[str, Any], prefix: str, keep_vars: bool
     ) -> None:
+        if self.exact_released:
+            raise RuntimeError(
+                f"{prefix}: this int4 layer released its float32 scales and "
+                f"minimums (prepare(release_exact=True)) and has no state dict; "
+                f"save it before preparing it"
+            )
         super()._save_to_state_dict(destination, prefix, keep_vars)
         q = self.codes()
         destination[prefix + "qweight"] = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
@@ -284,6 +303,11 @@ class WeightOnlyInt4Linear(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        if self.exact_released:  # loading gives the layer exact scales again
+            groups = self.in_features // self.group_size
+            self.scales = torch.ones(self.out_features, groups)
+            self.mins = torch.zeros(self.out_features, groups)
+            self.exact_released = False
         packed = state_dict.get(prefix + "qweight")
         if packed is None:
             missing_keys.append(prefix + "qweight")
@@ -325,16 +349,26 @@ class WeightOnlyInt4Linear(nn.Module):
                 _log_fallback(self.out_features)
         return self.use_kernel
 
-    def prepare(self) -> None:
-        """Move the codes into the kernel's layout (once; frees the plain copy)."""
-        if self._packed is not None or not self.uses_kernel:
+    def prepare(self, release_exact: bool = False) -> None:
+        """Move the codes into the kernel's layout (once; frees the plain copy).
+
+        Args:
+            release_exact: also drop the float32 scales and minimums (the kernel
+                reads its bfloat16 copy); the layer then has no state dict.
+                Ignored where the kernel does not run.
+        """
+        if not self.uses_kernel:
             return
-        assert self._q is not None
-        self._packed = _pack_for_kernel(self._q)
-        zeros = self.mins + 8 * self.scales
-        sz = torch.stack([self.scales, zeros], -1).transpose(0, 1).contiguous()
-        self._scale_zeros = sz.to(torch.bfloat16)
-        self._q = None
+        if self._packed is None:
+            assert self._q is not None
+            self._packed = _pack_for_kernel(self._q)
+            zeros = self.mins + 8 * self.scales
+            sz = torch.stack([self.scales, zeros], -1).transpose(0, 1).contiguous()
+            self._scale_zeros = sz.to(torch.bfloat16)
+            self._q = None
+        if release_exact and not self.exact_released:
+            self.scales = self.mins = None  # type: ignore[assignment]
+            self.exact_released = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         lead = x.shape[:-1]
@@ -360,7 +394,8 @@ def quantize_model_int4(
     model: nn.Module, group_size: int = 32, skip: tuple[str, ...] = ()
 ) -> int:
     """Swap the model's linear layers (but those ``skip`` names) for int4
-    layers, one at a time; returns how many. Raises ValueError naming a layer
+    layers, one at a time, each holding only the kernel's copy of its weight
+    (``prepare(release_exact=True)``); returns how many. Raises ValueError naming a layer
     whose input width ``group_size`` does not divide, before changing any."""
     from llmprod.quant.convert import _select_linears, _set_submodule
 
@@ -375,7 +410,7 @@ def quantize_model_int4(
         w = quantize_int4(linear.weight, group_size)
         bias = None if linear.bias is None else linear.bias.detach()
         layer = WeightOnlyInt4Linear.from_int4(w, bias)
-        layer.prepare()
+        layer.prepare(release_exact=True)
         _set_submodule(model, name, layer)
     return len(targets)
 

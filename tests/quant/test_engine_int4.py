@@ -16,9 +16,9 @@ import torch
 
 from llmprod import Engine, SamplingParams
 from llmprod.errors import InvalidConfigError
-from llmprod.quant import int8
-from llmprod.quant.gguf import _unpermute, gguf_file_of, read_gguf
-from llmprod.quant.int4 import WeightOnlyInt4Linear
+from llmprod.quant.gguf import _unpermute, gguf_file_of, read_gguf, read_q4
+from llmprod.quant.int4 import Int4Weight, WeightOnlyInt4Linear
+from llmprod.quant.q8 import Q8Embedding, Q8Head
 from tests.prompts import CHAT_PROMPTS, TEXT_PROMPTS
 from tests.quant.test_engine_int8 import ENGLISH, perplexity
 
@@ -55,6 +55,7 @@ def test_gguf_codes_reproduce_gguf_py_dequantization_bit_for_bit(
     assert path is not None
     reader = gguf.GGUFReader(path)
     raw = {t.name: t for t in reader.tensors}
+    ours = read_gguf(path).tensors
     cfg = gguf_engine.hf_config
 
     def dequant(name: str) -> torch.Tensor:
@@ -63,25 +64,42 @@ def test_gguf_codes_reproduce_gguf_py_dequantization_bit_for_bit(
 
     for i in (0, cfg.num_hidden_layers - 1):
         layer = gguf_engine.model.model.layers[i]
-        q = _unpermute(dequant(f"blk.{i}.attn_q.weight"), cfg.num_attention_heads)
-        k = _unpermute(dequant(f"blk.{i}.attn_k.weight"), cfg.num_key_value_heads)
-        v = dequant(f"blk.{i}.attn_v.weight")
-        got = layer.self_attn.qkv_proj.int4_weight().dequantize()
-        assert torch.equal(got, torch.cat([q, k, v]))
-        got = layer.mlp.down_proj.int4_weight().dequantize()
-        assert torch.equal(got, dequant(f"blk.{i}.ffn_down.weight"))
+        names = [f"blk.{i}.attn_{p}.weight" for p in "qkv"]
+        # Our reader of the blocks against gguf-py's dequantization.
+        for name in [*names, f"blk.{i}.ffn_down.weight"]:
+            assert torch.equal(read_q4(ours[name]).dequantize(), dequant(name)), name
+        heads = (cfg.num_attention_heads, cfg.num_key_value_heads, 0)
+        parts = [read_q4(ours[n]) for n in names]
+        want = [
+            Int4Weight(_unpermute(w.q, h), _unpermute(w.scales, h),
+                       _unpermute(w.mins, h)) if h else w
+            for w, h in zip(parts, heads)
+        ]  # fmt: skip
+        got = layer.self_attn.qkv_proj.int4_weight()
+        # The layer holds the file's codes, in the kernel's layout, and the
+        # kernel's bfloat16 copy of the file's scales (the float32 ones are
+        # released: the file keeps them).
+        assert torch.equal(got.q, torch.cat([w.q for w in want]))
+        scales = torch.cat([w.scales for w in want])
+        assert torch.equal(got.scales, scales.bfloat16().float())
+        down = layer.mlp.down_proj.int4_weight()
+        assert torch.equal(down.q, read_q4(ours[f"blk.{i}.ffn_down.weight"]).q)
 
 
-def test_gguf_weights_take_a_quarter_of_float32(
+def test_gguf_holds_the_q8_0_embedding_and_lm_head_in_their_blocks_exactly(
     engine: Engine, gguf_engine: Engine
 ) -> None:
-    fp32 = int8.linear_weight_bytes(engine.model, skip=int8.DEFAULT_SKIP)
-    weights = gguf_engine.metrics().engine["weights_bytes"]
-    print(f"linear weights fp32={fp32} int4={weights['int4']}; all: {weights}")
-    assert weights["int4"] <= 0.25 * fp32
-    # What stays float32 is the embedding (tied to lm_head) and the norms.
-    emb = gguf_engine.model.model.embed_tokens.weight
-    assert weights["float32"] <= emb.numel() * 4 * 1.01
+    emb, head = gguf_engine.model.model.embed_tokens, gguf_engine.model.lm_head
+    assert isinstance(emb, Q8Embedding) and isinstance(head, Q8Head)
+    assert head.q8 is emb.q8  # tied: one copy
+    ref = engine.model.model.embed_tokens.weight.detach()
+    assert torch.equal(emb.q8.dequantize(), ref)  # the float32 expansion, bit for bit
+    ids = torch.tensor([[0, 5, 49151], [7, 7, 1000]])
+    assert torch.equal(emb(ids), torch.nn.functional.embedding(ids, ref))
+    hidden = torch.randn(5, ref.shape[1])
+    assert torch.allclose(head(hidden), hidden @ ref.t(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="released its float32 scales"):
+        gguf_engine.model.state_dict()
 
 
 def test_gguf_perplexity_within_half_a_percent_of_its_float32_expansion(
