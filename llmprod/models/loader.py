@@ -181,13 +181,54 @@ def materialize_native(
     return model
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+    "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
 def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
+    """Each tensor of the files, read into its own buffer.
+
+    Read, not memory-mapped: the pages of a mapped file count in the process's
+    resident memory while mapped, so loading a float32 checkpoint through a map
+    peaked at the model plus the whole file (benchmarks/quant/footprint.py). A
+    file holding a dtype not listed here goes through safetensors' own reader.
+    """
+    import json
+    import struct
 
     for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as fh:
-            for name in fh.keys():  # noqa: SIM118 - safe_open is not a dict
-                yield name, fh.get_tensor(name)
+        with open(f, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+            header.pop("__metadata__", None)
+            if any(v["dtype"] not in _SAFETENSORS_DTYPES for v in header.values()):
+                yield from _iter_safetensors_mapped(f)
+                continue
+            base = 8 + size
+            for name, info in sorted(
+                header.items(), key=lambda kv: kv[1]["data_offsets"][0]
+            ):
+                start, end = info["data_offsets"]
+                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+                if end == start:
+                    yield name, torch.empty(info["shape"], dtype=dtype)
+                    continue
+                buf = bytearray(end - start)
+                fh.seek(base + start)
+                if fh.readinto(buf) != len(buf):
+                    raise ModelLoadError(f"{str(f)!r} ends inside tensor {name!r}")
+                yield name, torch.frombuffer(buf, dtype=dtype).view(info["shape"])
+
+
+def _iter_safetensors_mapped(f: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    with safe_open(str(f), framework="pt", device="cpu") as fh:
+        for name in fh.keys():  # noqa: SIM118 - safe_open is not a dict
+            yield name, fh.get_tensor(name)
 
 
 def pick_device(name: str) -> torch.device:
