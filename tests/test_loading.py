@@ -106,3 +106,47 @@ def test_checkpoint_tensors_are_read_without_mapping_the_file(tmp_path: Path) ->
             want = tensors[key]
             assert value.dtype == want.dtype and value.shape == want.shape, key
             assert torch.equal(value.view(torch.uint8), want.view(torch.uint8)), key
+
+
+def test_each_module_is_reported_once_its_weights_are_whole(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Quantizing loaders swap a module from this hook and free its float32
+    # weight, so it must come once per module, after every shard of a fused
+    # projection, and never for a tied lm_head (the embedding's weight).
+    import torch
+
+    from llmprod.models import loader
+
+    read: list[str] = []
+    original = loader._iter_safetensors
+
+    def recording(files: Any) -> Any:
+        for name, tensor in original(files):
+            read.append(name)
+            yield name, tensor
+
+    monkeypatch.setattr(loader, "_iter_safetensors", recording)
+    reported: list[str] = []
+
+    def on_loaded(model: Any, name: str) -> None:
+        reported.append(name)
+        checkpoint = {
+            "self_attn.qkv_proj": ["q_proj", "k_proj", "v_proj"],
+            "mlp.gate_up_proj": ["gate_proj", "up_proj"],
+        }
+        for fused, parts in checkpoint.items():
+            if name.endswith(fused):
+                prefix = name.removesuffix(fused) + fused.split(".")[0]
+                assert all(f"{prefix}.{p}.weight" in read for p in parts), name
+        assert model.get_submodule(name).weight.is_contiguous()
+
+    model = loader.build_model(
+        engine.hf_config, engine.model_path, torch.float32, torch.device("cpu"),
+        "native", on_loaded=on_loaded,
+    )  # fmt: skip
+    with_params = {
+        n for n, m in model.named_modules() if list(m.parameters(recurse=False))
+    }
+    assert sorted(reported) == sorted(with_params - {"lm_head"})
+    assert len(reported) == len(set(reported))

@@ -73,8 +73,8 @@ def load_model(
         source = quant.BNB_CHECKPOINT_SOURCE
     elif config.quantization in ("int4", "gguf"):
         gguf_path = _gguf_for(path, config) if config.quantization == "gguf" else None
-        nn_model = build_model(hf_config, path, dtype, device, config.model_impl)
-        quantization = _quantize_int4(nn_model, config, hf_config, gguf_path)
+        nn_model, quantization = _build_int4(config, hf_config, path, dtype, device,
+                                             gguf_path)  # fmt: skip
         source = "gguf" if gguf_path is not None else "quantized-at-load"
     else:
         nn_model = build_model(hf_config, path, dtype, device, config.model_impl)
@@ -180,34 +180,56 @@ def _gguf_for(path: Path, config: EngineConfig) -> Path:
     return gguf_path
 
 
-def _quantize_int4(
-    model: torch.nn.Module,
+def _build_int4(
     config: EngineConfig,
     hf_config: Any,
+    path: Path,
+    dtype: torch.dtype,
+    device: torch.device,
     gguf_path: Path | None,
-) -> str:
-    """Swap in int4 layers: the GGUF file's own Q4 codes, or quantized now."""
-    from llmprod.quant.gguf import GGUFTypeError, load_gguf_int4, load_gguf_q8
-    from llmprod.quant.int4 import quantize_model_int4
+) -> tuple[torch.nn.Module, str]:
+    """Build the model with int4 layers: the GGUF file's own Q4 codes (and Q8_0
+    embedding), or quantized now. On the native path each layer is swapped as
+    soon as its float32 weight is loaded, so the float32 model is never resident
+    whole (peak RSS: docs/quantization.md)."""
+    from llmprod.exec.memory import trim_heap
+    from llmprod.quant.gguf import GGUFSwapper, GGUFTypeError
+    from llmprod.quant.int4 import Int4Quantizer
 
-    if next(model.parameters()).device.type != "cpu":
+    if device.type != "cpu":
         raise InvalidConfigError(
             f"quantization={config.quantization!r} runs on CPU; on CUDA use "
             f"quantization='int8'",
             "quantization",
         )
     t0 = time.perf_counter()
-    q8: list[str] = []
+    swapper: GGUFSwapper | Int4Quantizer
     try:
         if gguf_path is not None:
-            n = load_gguf_int4(model, gguf_path, hf_config, config.quantization_skip)
-            # Lossless: Q8_0 blocks give the float32 embedding exactly.
-            q8 = load_gguf_q8(model, gguf_path, hf_config)
+            swapper = GGUFSwapper(gguf_path, hf_config, config.quantization_skip)
         else:
-            n = quantize_model_int4(
-                model, config.quantization_group_size, config.quantization_skip
+            swapper = Int4Quantizer(
+                config.quantization_group_size, config.quantization_skip
             )
+        calls = 0
+
+        def on_loaded(model: torch.nn.Module, name: str) -> None:
+            nonlocal calls
+            swapper(model, name)
+            calls += 1
+            if calls % 4 == 0:  # the freed temporaries of the last swaps
+                trim_heap()
+
+        model = build_model(hf_config, path, dtype, device, config.model_impl,
+                            on_loaded=on_loaded)  # fmt: skip
+        if isinstance(swapper, GGUFSwapper):
+            swapper.finish(model)
+            n, q8 = swapper.int4_layers, swapper.q8_modules
+        else:
+            n, q8 = swapper.finish(model), []
     except (GGUFTypeError, ValueError) as exc:
+        if isinstance(exc, InvalidConfigError):
+            raise
         raise InvalidConfigError(str(exc), "quantization") from exc
     from llmprod.exec.memory import release_freed_memory
 
@@ -219,7 +241,7 @@ def _quantize_int4(
         f", {' and '.join(q8)} in Q8_0" if q8 else "",
         time.perf_counter() - t0,
     )
-    return str(config.quantization)
+    return model, str(config.quantization)
 
 
 def quantize_once(

@@ -28,6 +28,13 @@ def release_freed_memory() -> bool:
     (``malloc_trim``): a closed engine's weights and KV cache otherwise stay in
     the process's resident memory. Returns False where there is no glibc."""
     gc.collect()
+    return trim_heap()
+
+
+def trim_heap() -> bool:
+    """``malloc_trim`` alone (no garbage collection): cheap enough to call after
+    each layer a loader swaps, whose freed temporaries glibc's heap would
+    otherwise keep. Returns False where there is no glibc."""
     lib = _libc()
     if lib is None:
         return False

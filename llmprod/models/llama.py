@@ -9,7 +9,7 @@ transformers exactly.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -206,15 +206,41 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, vocab] fp32
         return self.lm_head(hidden).float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(
+        self,
+        weights: Iterable[tuple[str, torch.Tensor]],
+        on_loaded: Callable[[str], None] | None = None,
+    ) -> None:
         """Copy checkpoint tensors (transformers names) into the fused parameters.
+
+        Args:
+            weights: (name, tensor) pairs, in any order.
+            on_loaded: called with a module's name (``"model.layers.0.mlp.
+                down_proj"``, ``"model.embed_tokens"``) as soon as every parameter
+                it holds is loaded, whole (all shards of a fused projection), so
+                that a quantizing loader can swap it then and free its float32
+                weight before the next ones are read. A tied lm_head is never
+                reported: it is the embedding's weight.
 
         Raises:
             ValueError: a parameter is missing from the checkpoint or has the wrong
                 shape.
         """
         params = dict(self.named_parameters(remove_duplicate=False))
+        names = list(params)
         loaded: set[str] = set()
+        # module name -> the loaded-set keys its parameters need.
+        pending: dict[str, set[str]] = {}
+        if on_loaded is not None:
+            for pname in params:
+                if self.tie_word_embeddings and pname == "lm_head.weight":
+                    continue
+                mod_name = pname.rpartition(".")[0]
+                shards = getattr(self.get_submodule(mod_name), "shard_sizes", None)
+                keys = (
+                    {f"{pname}#{i}" for i in range(len(shards))} if shards else {pname}
+                )
+                pending.setdefault(mod_name, set()).update(keys)
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
@@ -234,7 +260,7 @@ class LlamaForCausalLM(nn.Module):
                 module = self.get_submodule(name.rsplit(".", 1)[0])
                 sizes: list[int] = module.shard_sizes  # type: ignore[assignment]
                 _load_shard(param, tensor, sizes, shard)
-                loaded.add(f"{name}#{shard}")
+                key = f"{name}#{shard}"
             else:
                 if param.shape != tensor.shape:
                     raise ValueError(
@@ -242,10 +268,21 @@ class LlamaForCausalLM(nn.Module):
                         f"model shape {tuple(param.shape)}"
                     )
                 param.data.copy_(tensor)
-                loaded.add(name)
+                key = name
+            loaded.add(key)
+            del tensor, param
+            mod_name = name.rpartition(".")[0]
+            need = pending.get(mod_name)
+            if need is not None and need <= loaded:
+                del pending[mod_name]
+                # Hold no reference to what the hook may swap out and free.
+                for pname in [p for p in params if p.rpartition(".")[0] == mod_name]:
+                    params[pname] = None  # type: ignore[assignment]
+                assert on_loaded is not None
+                on_loaded(mod_name)
         missing = [
             n
-            for n in params
+            for n in names
             if n not in loaded
             and not any(k.startswith(n + "#") for k in loaded)
             and not (self.tie_word_embeddings and n == "lm_head.weight")

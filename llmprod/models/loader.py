@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,9 +86,15 @@ def build_model(
     dtype: torch.dtype,
     device: torch.device,
     impl: str = "auto",
+    on_loaded: Callable[[nn.Module, str], None] | None = None,
 ) -> nn.Module:
     """The model for ``config``: native, or transformers' own code with paged
     attention (``impl="generic"``). The returned module's ``impl`` says which.
+
+    ``on_loaded(model, module_name)``: on the native path, called as soon as a
+    module's weights are loaded (see ``LlamaForCausalLM.load_weights``); a
+    quantizing loader swaps the module then, so that the float32 model is never
+    resident whole. The generic path does not call it.
 
     Raises:
         UnsupportedModelError: ``impl="native"`` for an architecture without a
@@ -102,7 +108,7 @@ def build_model(
         model = build_generic(config, path, dtype, device)
         logger.info("model %s runs on the generic path", config.model_type)
         return model
-    return _build_native(config, path, dtype, device)
+    return _build_native(config, path, dtype, device, on_loaded)
 
 
 # The initializers nn.Linear, nn.Embedding and friends call from reset_parameters.
@@ -146,7 +152,11 @@ def meta_construction() -> Iterator[None]:
 
 
 def _build_native(
-    config: Any, path: Path, dtype: torch.dtype, device: torch.device
+    config: Any,
+    path: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    on_loaded: Callable[[nn.Module, str], None] | None = None,
 ) -> LlamaForCausalLM:
     """Instantiate the native model without random init and load the checkpoint."""
     check_supported(config)
@@ -156,9 +166,25 @@ def _build_native(
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"no .safetensors files in {str(path)!r}")
+    hook_errors: list[BaseException] = []
+
+    def hook(name: str) -> None:
+        assert on_loaded is not None
+        try:
+            on_loaded(model, name)
+        except BaseException as exc:  # the hook's own error, raised as it is
+            hook_errors.append(exc)
+            raise
+
     try:
-        model.load_weights(_iter_safetensors(files))
+        # Parameters were allocated by to_empty and are untouched, so not yet
+        # resident: each becomes so as it is read.
+        model.load_weights(
+            _iter_safetensors(files), None if on_loaded is None else hook
+        )
     except ValueError as exc:
+        if hook_errors and exc is hook_errors[0]:
+            raise
         raise ModelLoadError(
             f"weights in {str(path)!r} do not fit the model: {exc}"
         ) from exc

@@ -35,6 +35,7 @@ from llmprod.quant.q8 import Q8Embedding, Q8Head, read_q8_0
 
 __all__ = [
     "NATIVE_TYPES",
+    "GGUFSwapper",
     "GGUFTypeError",
     "check_gguf_types",
     "gguf_file_of",
@@ -250,44 +251,144 @@ def _unpermute(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.reshape(heads, dim, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
 
 
+class GGUFSwapper:
+    """Swaps a model's modules for the GGUF file's blocks: Q4 linear layers for
+    int4 layers, a Q8_0 embedding (and lm_head) for Q8_0 modules.
+
+    Call it as the loader's ``on_loaded(model, name)`` hook to swap each module
+    as soon as its float32 weight is loaded (the float32 model is then never
+    resident whole), then :meth:`finish` to swap whatever is left (all of it on
+    the generic path, which does not call the hook).
+
+    Raises (from the call or :meth:`finish`):
+        GGUFTypeError: a module's blocks do not reproduce its float32 weight.
+    """
+
+    def __init__(self, gguf_path: Path, hf_config: Any, skip: tuple[str, ...]) -> None:
+        self.file = read_gguf(gguf_path)
+        num_layers = int(getattr(hf_config, "num_hidden_layers", 0))
+        self.tmap = _name_map(self.file.architecture, num_layers)
+        self.heads = [
+            int(getattr(hf_config, "num_attention_heads", 0) or 0),
+            int(getattr(hf_config, "num_key_value_heads", 0) or 0),
+        ]
+        self.skip = skip
+        self.int4_layers = 0
+        """Linear layers swapped for int4 ones."""
+        self.q8_modules: list[str] = []
+        """Modules held in Q8_0 blocks (``model.embed_tokens``, ``lm_head``)."""
+        self._targets: set[str] | None = None
+
+    def _tensor(self, hf_name: str) -> GGUFTensor | None:
+        gname = self.tmap.get_name(hf_name + ".weight", try_suffixes=(".weight",))
+        return self.file.tensors.get(gname or "")
+
+    def __call__(self, model: nn.Module, name: str) -> None:
+        from llmprod.quant.convert import _select_linears
+
+        if self._targets is None:
+            self._targets = {n for n, _ in _select_linears(model, self.skip)}
+        if name in self._targets:
+            self._swap_int4(model, name, model.get_submodule(name))  # type: ignore[arg-type]
+        elif name == "model.embed_tokens":
+            self._swap_q8(model, ("embedding",))
+        elif name == "lm_head":
+            self._swap_q8(model, ("head",))
+
+    def finish(self, model: nn.Module) -> None:
+        """Swap every module the hook has not (all of them without it)."""
+        from llmprod.quant.convert import _select_linears
+
+        for name, linear in list(_select_linears(model, self.skip)):
+            self._swap_int4(model, name, linear)
+        self._swap_q8(model)
+
+    def _swap_int4(self, model: nn.Module, name: str, linear: nn.Linear) -> None:
+        from llmprod.quant.convert import _set_submodule
+
+        parts: list[Int4Weight] = []
+        for hf in _parts(model, name, linear):
+            t = self._tensor(hf)
+            if t is None or t.type_name not in NATIVE_TYPES:
+                return
+            parts.append(read_q4(t))
+        w = _match(name, parts, linear.weight.detach(), self.heads)
+        bias = None if linear.bias is None else linear.bias.detach()
+        layer = WeightOnlyInt4Linear.from_int4(w, bias)
+        layer.prepare(release_exact=True)  # the file keeps the exact scales
+        _set_submodule(model, name, layer)
+        self.int4_layers += 1
+
+    def _swap_q8(self, m: Any, which: tuple[str, ...] = ("embedding", "head")) -> None:
+        """A Q8_0 embedding, with lm_head when tied to it; a Q8_0 lm_head of its
+        own. Only the native model's plain ``nn.Embedding`` and bias-free
+        ``nn.Linear`` (the generic path keeps transformers' modules)."""
+        if getattr(m, "impl", None) != "native":
+            return
+        emb, head = m.model.embed_tokens, m.lm_head
+        plain_head = type(head) is nn.Linear and head.bias is None
+        tied = plain_head and type(emb) is nn.Embedding and head.weight is emb.weight
+        if "embedding" in which and type(emb) is nn.Embedding:
+            w = self._q8_of("model.embed_tokens", emb.weight)
+            if w is not None:
+                m.model.embed_tokens = Q8Embedding(w, emb.weight.dtype)
+                self.q8_modules.append("model.embed_tokens")
+                if tied:
+                    m.lm_head = Q8Head(w)
+                    self.q8_modules.append("lm_head")
+        if "head" in which and plain_head and not tied:
+            w = self._q8_of("lm_head", head.weight)
+            if w is not None:
+                m.lm_head = Q8Head(w)
+                self.q8_modules.append("lm_head")
+
+    def _q8_of(self, name: str, weight: torch.Tensor) -> Any:
+        t = self._tensor(name)
+        if t is None or t.type_name != "Q8_0":
+            return None
+        w = read_q8_0(t.data)
+        rows = w.shape[0]
+        want = weight.detach()
+        if w.shape != tuple(want.shape) or not all(
+            torch.equal(w.rows(lo, lo + 4096), want[lo : lo + 4096].float())
+            for lo in range(0, rows, 4096)
+        ):
+            raise GGUFTypeError(
+                f"{name}: the GGUF Q8_0 blocks do not reproduce the model's float32 "
+                f"weight"
+            )
+        return w
+
+
 def load_gguf_int4(
     model: nn.Module, gguf_path: Path, hf_config: Any, skip: tuple[str, ...]
 ) -> int:
-    """Swap the model's Q4 linear layers for int4 layers holding the file's codes.
+    """Swap the model's Q4 linear layers for int4 layers holding the file's codes
+    (all at once; the Engine swaps each as it loads, :class:`GGUFSwapper`).
 
     Returns how many layers were swapped. Raises GGUFTypeError when a layer's
     codes do not reproduce its float32 weight exactly (a file that is not the
     one the model was built from, or a row order this loader does not know).
     """
-    from llmprod.quant.convert import _select_linears, _set_submodule
+    from llmprod.quant.convert import _select_linears
 
-    file = read_gguf(gguf_path)
-    tensors = file.tensors
-    num_layers = int(getattr(hf_config, "num_hidden_layers", 0))
-    tmap = _name_map(file.architecture, num_layers)
-    heads = [
-        int(getattr(hf_config, "num_attention_heads", 0) or 0),
-        int(getattr(hf_config, "num_key_value_heads", 0) or 0),
-    ]
-    swapped = 0
+    swapper = GGUFSwapper(gguf_path, hf_config, skip)
     for name, linear in list(_select_linears(model, skip)):
-        parts: list[Int4Weight] = []
-        for hf in _parts(model, name, linear):
-            gname = tmap.get_name(hf + ".weight", try_suffixes=(".weight",))
-            t = tensors.get(gname or "")
-            if t is None or t.type_name not in NATIVE_TYPES:
-                parts = []
-                break
-            parts.append(read_q4(t))
-        if not parts:
-            continue
-        w = _match(name, parts, linear.weight.detach(), heads)
-        bias = None if linear.bias is None else linear.bias.detach()
-        layer = WeightOnlyInt4Linear.from_int4(w, bias)
-        layer.prepare(release_exact=True)  # the file keeps the exact scales
-        _set_submodule(model, name, layer)
-        swapped += 1
-    return swapped
+        swapper._swap_int4(model, name, linear)
+    return swapper.int4_layers
+
+
+def load_gguf_q8(model: nn.Module, gguf_path: Path, hf_config: Any) -> list[str]:
+    """Hold a Q8_0 token embedding in its blocks, and lm_head with it where the
+    two are tied (or where lm_head is itself Q8_0). Returns the names of the
+    modules swapped.
+
+    Raises:
+        GGUFTypeError: the blocks do not reproduce the model's float32 weight.
+    """
+    swapper = GGUFSwapper(gguf_path, hf_config, ())
+    swapper._swap_q8(model)
+    return swapper.q8_modules
 
 
 def _match(
@@ -315,52 +416,3 @@ def _match(
         torch.cat([c.scales for c in chosen]),
         torch.cat([c.mins for c in chosen]),
     )
-
-
-def load_gguf_q8(model: Any, gguf_path: Path, hf_config: Any) -> list[str]:
-    """Hold a Q8_0 token embedding in its blocks, and lm_head with it where the
-    two are tied (or where lm_head is itself Q8_0). Returns the names of the
-    modules swapped. Only the native model's plain ``nn.Embedding`` and
-    bias-free ``nn.Linear`` are swapped (the generic path keeps transformers'
-    modules).
-
-    Raises:
-        GGUFTypeError: the blocks do not reproduce the model's float32 weight.
-    """
-    file = read_gguf(gguf_path)
-    tmap = _name_map(file.architecture, int(getattr(hf_config, "num_hidden_layers", 0)))
-
-    def q8_of(name: str, weight: torch.Tensor) -> Any:
-        gname = tmap.get_name(name + ".weight", try_suffixes=(".weight",))
-        t = file.tensors.get(gname or "")
-        if t is None or t.type_name != "Q8_0":
-            return None
-        w = read_q8_0(t.data)
-        if w.shape != tuple(weight.shape) or not torch.equal(
-            w.dequantize(), weight.detach().to(torch.float32)
-        ):
-            raise GGUFTypeError(
-                f"{name}: the GGUF Q8_0 blocks do not reproduce the model's float32 "
-                f"weight"
-            )
-        return w
-
-    if getattr(model, "impl", None) != "native":
-        return []  # the generic path's modules are transformers' own
-    swapped: list[str] = []
-    emb, head = model.model.embed_tokens, model.lm_head
-    plain_head = type(head) is nn.Linear and head.bias is None
-    if type(emb) is nn.Embedding:
-        w = q8_of("model.embed_tokens", emb.weight)
-        if w is not None:
-            model.model.embed_tokens = Q8Embedding(w, emb.weight.dtype)
-            swapped.append("model.embed_tokens")
-            if plain_head and head.weight is emb.weight:
-                model.lm_head = Q8Head(w)
-                swapped.append("lm_head")
-    if plain_head and "lm_head" not in swapped:
-        w = q8_of("lm_head", head.weight)
-        if w is not None:
-            model.lm_head = Q8Head(w)
-            swapped.append("lm_head")
-    return swapped

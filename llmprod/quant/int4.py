@@ -33,6 +33,7 @@ logger = logging.getLogger("llmprod")
 
 __all__ = [
     "GROUP_SIZES",
+    "Int4Quantizer",
     "Int4Weight",
     "WeightOnlyInt4Linear",
     "dequantize_int4",
@@ -390,29 +391,72 @@ class WeightOnlyInt4Linear(nn.Module):
         return out.reshape(*lead, self.out_features)
 
 
+class Int4Quantizer:
+    """Quantizes a model's linear layers (but those ``skip`` names) to int4,
+    each holding only the kernel's copy of its weight
+    (``prepare(release_exact=True)``).
+
+    Call it as the loader's ``on_loaded(model, name)`` hook to quantize each
+    layer as soon as its float32 weight is loaded, then :meth:`finish` for the
+    rest (all of them where the hook is not called).
+
+    Raises (from the first call, or :meth:`finish`): ValueError naming a layer
+    whose input width ``group_size`` does not divide, before changing any.
+    """
+
+    def __init__(self, group_size: int = 32, skip: tuple[str, ...] = ()) -> None:
+        self.group_size = group_size
+        self.skip = skip
+        self.layers = 0
+        """Layers quantized."""
+        self._targets: set[str] | None = None
+
+    def _check(self, model: nn.Module) -> set[str]:
+        from llmprod.quant.convert import _select_linears
+
+        if self._targets is None:
+            targets = list(_select_linears(model, self.skip))
+            for name, linear in targets:
+                if linear.in_features % self.group_size:
+                    raise ValueError(
+                        f"group_size={self.group_size} does not divide in_features="
+                        f"{linear.in_features} of {name}"
+                    )
+            self._targets = {name for name, _ in targets}
+        return self._targets
+
+    def __call__(self, model: nn.Module, name: str) -> None:
+        if name in self._check(model):
+            self._swap(model, name, model.get_submodule(name))  # type: ignore[arg-type]
+
+    def finish(self, model: nn.Module) -> int:
+        """Quantize the layers the hook has not; returns how many in all."""
+        self._check(model)
+        for name, module in list(model.named_modules()):
+            if name in (self._targets or ()) and isinstance(module, nn.Linear):
+                self._swap(model, name, module)
+        return self.layers
+
+    def _swap(self, model: nn.Module, name: str, linear: nn.Linear) -> None:
+        from llmprod.quant.convert import _set_submodule
+
+        w = quantize_int4(linear.weight, self.group_size)
+        bias = None if linear.bias is None else linear.bias.detach()
+        layer = WeightOnlyInt4Linear.from_int4(w, bias)
+        layer.prepare(release_exact=True)
+        _set_submodule(model, name, layer)
+        self.layers += 1
+
+
 def quantize_model_int4(
     model: nn.Module, group_size: int = 32, skip: tuple[str, ...] = ()
 ) -> int:
     """Swap the model's linear layers (but those ``skip`` names) for int4
     layers, one at a time, each holding only the kernel's copy of its weight
-    (``prepare(release_exact=True)``); returns how many. Raises ValueError naming a layer
-    whose input width ``group_size`` does not divide, before changing any."""
-    from llmprod.quant.convert import _select_linears, _set_submodule
-
-    targets = list(_select_linears(model, skip))
-    for name, linear in targets:
-        if linear.in_features % group_size:
-            raise ValueError(
-                f"group_size={group_size} does not divide in_features="
-                f"{linear.in_features} of {name}"
-            )
-    for name, linear in targets:
-        w = quantize_int4(linear.weight, group_size)
-        bias = None if linear.bias is None else linear.bias.detach()
-        layer = WeightOnlyInt4Linear.from_int4(w, bias)
-        layer.prepare(release_exact=True)
-        _set_submodule(model, name, layer)
-    return len(targets)
+    (``prepare(release_exact=True)``); returns how many. Raises ValueError
+    naming a layer whose input width ``group_size`` does not divide, before
+    changing any."""
+    return Int4Quantizer(group_size, skip).finish(model)
 
 
 @functools.cache
