@@ -137,14 +137,28 @@ class Faults:
             self.maybe_raise("forward", self._batch)
             return forward(*args, **kwargs)
 
-        def faulty_sampler(logits: Any, requests: list[Request], eos: Any) -> Any:
-            out = sample(logits, requests, eos)  # draws first: rewinding matters
-            self.maybe_raise("sampler", requests)
-            return out
+        faults = self
+
+        class FaultySampler:
+            def __call__(
+                self, logits: Any, requests: list[Request], eos: Any, noise: Any = None
+            ) -> Any:
+                out = sample(logits, requests, eos, noise)  # draws first: rewinding
+                faults.maybe_raise("sampler", requests)  # matters
+                return out
+
+            def race_noise(self, requests: list[Request], vocab: int) -> Any:
+                # A screened step draws here and never calls the sampler.
+                out = sample.race_noise(requests, vocab)
+                faults.maybe_raise("sampler", requests)
+                return out
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(sample, name)
 
         runner.execute = execute_spy  # type: ignore[method-assign]
         runner.model.forward = faulty_forward  # type: ignore[method-assign]
-        runner.sampler = faulty_sampler  # type: ignore[assignment]
+        runner.sampler = FaultySampler()  # type: ignore[assignment]
 
     def maybe_raise(self, where: str, requests: list[Request]) -> None:
         for r in requests:

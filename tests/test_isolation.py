@@ -101,12 +101,26 @@ class FaultySampler:
         self.fails = fails
         self.faults = 0
 
-    def __call__(self, logits: Any, requests: list[Request], eos: Any) -> Any:
-        out = self.inner(logits, requests, eos)
+    def __call__(
+        self, logits: Any, requests: list[Request], eos: Any, noise: Any = None
+    ) -> Any:
+        out = self.inner(logits, requests, eos, noise)
         if self.fails(requests):
             self.faults += 1
             raise RuntimeError("injected sampler fault")
         return out
+
+    def race_noise(self, requests: list[Request], vocab: int) -> Any:
+        # Where a screened step draws (greedy screening races over the noise
+        # without calling the sampler).
+        out = self.inner.race_noise(requests, vocab)
+        if self.fails(requests):
+            self.faults += 1
+            raise RuntimeError("injected sampler fault")
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 class ExplodingDetokenizer:

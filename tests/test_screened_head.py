@@ -135,14 +135,19 @@ def test_engine_screens_plain_greedy_steps_only(engine: Engine) -> None:
     before = screened_rows()
     engine.generate([ids], SamplingParams(max_tokens=6, temperature=0))
     assert screened_rows() == before + 6
-    # Logprobs, sampling and a repetition penalty need the logits: not screened.
+    # Plain temperature sampling races over the screened candidates.
+    engine.generate([ids], SamplingParams(max_tokens=5, temperature=0.8, seed=1))
+    assert screened_rows() == before + 11
+    # Logprobs, top-p/top-k and a repetition penalty need the logits: not
+    # screened.
     for params in (
         SamplingParams(max_tokens=4, temperature=0, logprobs=2),
-        SamplingParams(max_tokens=4, temperature=0.8, seed=1),
+        SamplingParams(max_tokens=4, temperature=0.8, seed=1, top_p=0.9),
+        SamplingParams(max_tokens=4, temperature=0.8, seed=1, top_k=20),
         SamplingParams(max_tokens=4, temperature=0, repetition_penalty=1.3),
     ):
         engine.generate([ids], params)
-    assert screened_rows() == before + 6
+    assert screened_rows() == before + 11
 
 
 def test_int8_engine_tokens_equal_with_and_without_screening(
@@ -163,6 +168,32 @@ def test_int8_engine_tokens_equal_with_and_without_screening(
         assert stats["enabled"] is (mode == "on")
         if mode == "on":
             assert stats["rows"] > 0 and stats["fallback_rows"] == 0
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("quantization", [None, "gguf"])
+def test_seeded_sampling_draws_the_same_tokens_with_and_without_screening(
+    make_engine: Any, quantization: str | None
+) -> None:
+    # The screened race must pick the sampler's token, from the same noise:
+    # same seed, same text, screening on or off, alone and in mixed batches.
+    outs = []
+    for mode in ("on", "off"):
+        eng = make_engine(quantization=quantization, greedy_screening=mode, seed=0)
+        prompts = [
+            eng.render_chat([{"role": "user", "content": p}]) for p in PROMPTS[:4]
+        ]
+        params = [
+            SamplingParams(max_tokens=24, temperature=t, seed=s, ignore_eos=True)
+            for t, s in ((0.7, 1), (1.0, 2), (0.0, None), (1.3, 3))
+        ]
+        alone = [eng.generate([p], params[i])[0].token_ids for i, p in
+                 enumerate(prompts)]  # fmt: skip
+        together = [c.token_ids for c in eng.generate(prompts, params)]
+        outs.append((alone, together))
+        stats = eng.metrics().engine["greedy_screening"]
+        if mode == "on":
+            assert stats["rows"] >= 4 * 24 * 2 and stats["fallback_rows"] == 0
     assert outs[0] == outs[1]
 
 
@@ -222,4 +253,27 @@ def test_q8_blocks_screen_to_the_full_product_token(
         row = real_hidden[i : i + 1]
         assert head.argmax(row) == full_argmax(row, exact_w), f"row {i}"
     assert head.argmax(real_hidden[:8]) == full_argmax(real_hidden[:8], exact_w)
+    assert head.fallback_rows == 0
+
+
+def test_the_screened_race_picks_the_samplers_token(
+    head: ScreenedGreedyHead, real_hidden: torch.Tensor
+) -> None:
+    # Sampler._draw's arithmetic over the full product, against choose(), on
+    # real rows, several temperatures, greedy rows mixed in.
+    gen = torch.Generator().manual_seed(5)
+    weight = head.weight
+    assert isinstance(weight, torch.Tensor)
+    rows = real_hidden[:48]
+    for temps in ([0.7] * 8, [1.0, None, 1.5, 0.3, None, 2.0, 1.0, 0.9]):
+        for lo in range(0, rows.shape[0], 8):
+            x = rows[lo : lo + 8]
+            noise = torch.empty(8, weight.shape[0]).exponential_(generator=gen)
+            logits = F.linear(x, weight)
+            t = torch.tensor([v if v is not None else 1.0 for v in temps])
+            probs = torch.softmax(logits / t[:, None], dim=-1)
+            want = (probs / noise).argmax(dim=-1)
+            greedy = torch.tensor([v is None for v in temps])
+            want = torch.where(greedy, logits.argmax(dim=-1), want).tolist()
+            assert head.choose(x, temps, noise) == want
     assert head.fallback_rows == 0

@@ -229,18 +229,24 @@ class ModelRunner:
         sampled_hidden = hidden[last]
         requests = [out.scheduled[i].request for i in rows]
         head = self.greedy_head
+        noise = None
         if (
             head is not None
             and len(rows) <= head.max_rows
-            and all(map(Sampler.needs_only_argmax, requests))
+            and all(map(Sampler.races_on_plain_logits, requests))
         ):
-            token_ids = head.argmax(sampled_hidden)
+            # Drawn once: the full product below (if screening gives up) races
+            # over the same noise.
+            noise = self.sampler.race_noise(requests, head.vocab)
+            temps = [None if r.params.is_greedy else r.params.temperature
+                     for r in requests]  # fmt: skip
+            token_ids = head.choose(sampled_hidden, temps, noise)
             if token_ids is not None:
                 return StepResult(
                     SamplerOutput(token_ids, [None] * len(rows)), rows, prompt_lps
                 )
         logits = self.model.compute_logits(sampled_hidden)
-        sampled = self.sampler(logits, requests, self.eos_token_ids)
+        sampled = self.sampler(logits, requests, self.eos_token_ids, noise)
         return StepResult(sampled, rows, prompt_lps)
 
     def _verify(

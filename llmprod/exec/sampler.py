@@ -44,7 +44,14 @@ class Sampler:
         logits: torch.Tensor,  # fp32 [num_rows, vocab_size]
         requests: list[Request],
         eos_token_ids: tuple[int, ...],
+        noise: torch.Tensor | None = None,
     ) -> SamplerOutput:
+        """The next token (and logprobs) of each row.
+
+        Args:
+            noise: the rows' race noise when already drawn (:meth:`race_noise`),
+                so that a step which tried greedy screening first draws it once.
+        """
         params = [r.params for r in requests]
         raw = logits  # the model's own, for logprobs
         matchers = [r.matcher for r in requests]
@@ -56,7 +63,7 @@ class Sampler:
         if all(p.is_greedy for p in params):
             chosen = logits.argmax(dim=-1)
         else:
-            chosen = self._draw(logits, requests)
+            chosen = self._draw(logits, requests, noise)
         token_ids: list[int] = chosen.tolist()
         logprobs: list[TokenLogprob | None] = [None] * len(requests)
         if any(p.logprobs is not None for p in params):
@@ -72,6 +79,33 @@ class Sampler:
                             zip(ids, lp[i, ids].tolist())
                         )
         return SamplerOutput(token_ids, logprobs)
+
+    @staticmethod
+    def races_on_plain_logits(request: Request) -> bool:
+        """Whether the request's next token is the greedy argmax or an
+        exponential race over ``softmax(logits / temperature)`` of the model's
+        own logits (no top-k, top-p, grammar, penalty, min_tokens or logprobs):
+        a step of such rows can be screened (``ScreenedGreedyHead.choose``)."""
+        p = request.params
+        return Sampler.needs_only_argmax(request) or (
+            p.top_k is None
+            and p.top_p >= 1.0
+            and p.logprobs is None
+            and request.matcher is None
+            and not _penalized(request)
+            and not _min_tokens_active(request)
+        )
+
+    def race_noise(self, requests: list[Request], vocab: int) -> torch.Tensor | None:
+        """The race noise a draw over these rows uses (an Exp(1) per row and
+        token, from each row's generator, in row order), or None when every row
+        is greedy (no draw). Drawn here once, it is passed to ``__call__``."""
+        if all(r.params.is_greedy for r in requests):
+            return None
+        noise = torch.empty(len(requests), vocab, device=self.device)
+        for i, r in enumerate(requests):
+            noise[i].exponential_(generator=self.generator_of(r))
+        return noise
 
     @staticmethod
     def needs_only_argmax(request: Request) -> bool:
@@ -148,11 +182,16 @@ class Sampler:
         else the engine's shared one."""
         return self.generator if request.generator is None else request.generator
 
-    def _draw(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def _draw(
+        self,
+        logits: torch.Tensor,
+        requests: list[Request],
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         probs = self.target_probs(logits, requests)
-        noise = torch.empty_like(probs)
-        for i, r in enumerate(requests):
-            noise[i].exponential_(generator=self.generator_of(r))
+        if noise is None:
+            noise = self.race_noise(requests, probs.shape[-1])
+        assert noise is not None
         drawn = (probs / noise).argmax(dim=-1)
         greedy = torch.tensor(
             [r.params.is_greedy for r in requests], device=logits.device

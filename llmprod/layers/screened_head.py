@@ -233,6 +233,88 @@ class ScreenedGreedyHead:
         self.candidates += n
         return first.tolist()  # type: ignore[no-any-return]
 
+    @torch.inference_mode()
+    def choose(
+        self,
+        hidden: torch.Tensor,
+        temperatures: list[float | None],
+        noise: torch.Tensor | None,
+    ) -> list[int] | None:
+        """The next token of each row, or None to compute the full logits.
+
+        A greedy row (temperature None) takes the argmax, as :meth:`argmax`. A
+        sampling row takes the winner of the sampler's exponential race: the
+        argmax over tokens of ``softmax(L / T)[n] / E[n]``, ``E`` its row of
+        ``noise``. That is the argmax of the key ``L[n] / T - log E[n]``, which
+        lies within ``(A[n] +- b[n]) / T - log E[n]``: tokens whose highest key
+        is below the best lowest key (less a margin for the float32 rounding of
+        the sampler's own softmax) cannot win, and the others are scored
+        exactly. The winner is the sampler's, up to that rounding.
+
+        Args:
+            hidden: float32 ``[rows, hidden]``, the input of lm_head.
+            temperatures: per row, None for greedy.
+            noise: ``[rows, vocab]`` Exp(1) draws (``Sampler.race_noise``), or
+                None when every row is greedy.
+        """
+        if noise is None:
+            return self.argmax(hidden)
+        m = hidden.shape[0]
+        sampling = torch.tensor([t is not None for t in temperatures])
+        if not bool((noise > 0).all()):  # E = 0: the sampler divides by zero
+            self.fallback_rows += m
+            return None
+        screened = self.screen(hidden)
+        if screened is None:
+            self.fallback_rows += m
+            return None
+        scores, bound = screened
+        inv_t = torch.tensor(
+            [1.0 / t if t is not None else 1.0 for t in temperatures],
+            dtype=torch.float64,
+        )[:, None]
+        gumbel = torch.where(
+            sampling[:, None],
+            -noise.double().log(),
+            torch.zeros((), dtype=torch.float64),
+        )
+        a64, b64 = scores.double(), bound.double()
+        lo = (a64 - b64).mul_(inv_t).add_(gumbel)
+        hi = (a64 + b64).mul_(inv_t).add_(gumbel)
+        floor = lo.amax(dim=1)
+        # Keys within this of the floor may rank above it in the sampler's
+        # float32 softmax and division (relative errors of a few 2^-24).
+        slack = torch.where(sampling, 2.0**-14 + 2.0**-18 * floor.abs(), 0.0)
+        keep = hi.ge_((floor - slack)[:, None])
+        rows, cols = keep.nonzero(as_tuple=True)
+        n = int(rows.numel())
+        if n > self.max_candidates * m or not bool(torch.isfinite(floor).all()):
+            self.fallback_rows += m
+            return None
+        x = hidden.to(torch.float32)
+        exact = (self._gather(cols) * x.index_select(0, rows)).sum(1)
+        # As the sampler ranks them: float32 logits / T, exp against the row's
+        # best, divided by the noise; greedy rows by the logit itself.
+        temps = torch.tensor(
+            [t if t is not None else 1.0 for t in temperatures], dtype=torch.float32
+        )
+        scaled = exact / temps.index_select(0, rows)
+        best = torch.full((m,), float("-inf")).scatter_reduce(
+            0, rows, scaled, "amax", include_self=True
+        )
+        race = (scaled - best.index_select(0, rows)).exp() / noise[rows, cols]
+        key = torch.where(sampling.index_select(0, rows), race, exact)
+        top_key = torch.full((m,), float("-inf")).scatter_reduce(
+            0, rows, key, "amax", include_self=True
+        )
+        top = key == top_key.index_select(0, rows)
+        first = torch.full((m,), self.vocab, dtype=cols.dtype).scatter_reduce(
+            0, rows[top], cols[top], "amin", include_self=True
+        )
+        self.rows += m
+        self.candidates += n
+        return first.tolist()  # type: ignore[no-any-return]
+
 
 def _round_up(t: torch.Tensor) -> torch.Tensor:
     """Float64 -> float32, never below the float64 value."""
