@@ -268,10 +268,11 @@ class EngineConfig:
     instructions; else torch), "onednn" or "torch" (PyTorch's default path).
     Other dtypes and CUDA always use "torch"."""
     greedy_screening: str = "auto"
-    """Greedy steps of a few rows on CPU pick their tokens without the full float32
-    lm_head product: an int8 copy scores every token, a proven error bound keeps
-    the few that can be the argmax, and those are scored in float32, so the token
-    is the full product's. "auto" (where lm_head is a float32 linear layer and the
+    """Greedy and plain temperature-sampling steps of a few rows on CPU pick their
+    tokens without the full float32 lm_head product: an int8 copy scores every
+    token, a proven error bound keeps the few that can be the argmax (or win the
+    sampler's race, over the same noise), and those are scored in float32, so
+    the token is the full product's. "auto" (where lm_head is a float32 linear layer and the
     int8 kernel runs), "on" (raise where it cannot) or "off". Costs an int8 copy
     of lm_head (a quarter of its float32 bytes)."""
     model_impl: str = "auto"

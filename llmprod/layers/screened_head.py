@@ -36,8 +36,10 @@ took 0.90 ms against 2.40 ms for the full product on the benchmark machine
 (docs/benchmarks.md, "Greedy screening").
 
 The engine uses it only for steps whose rows are all plain greedy (no
-logprobs, no repetition penalty or min_tokens in effect), at most
-``max_rows`` of them; every other step computes the full logits. Non-finite hidden
+logprobs, no repetition penalty or min_tokens in effect) or plain temperature
+sampling (:meth:`ScreenedGreedyHead.choose` runs the sampler's exponential race
+over the candidates), at most ``max_rows`` of them; every other step computes
+the full logits. Non-finite hidden
 states, or more candidates than ``max_candidates`` per row, also fall back to the
 full product.
 """
