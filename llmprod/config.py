@@ -272,9 +272,10 @@ class EngineConfig:
     tokens without the full float32 lm_head product: an int8 copy scores every
     token, a proven error bound keeps the few that can be the argmax (or win the
     sampler's race, over the same noise), and those are scored in float32, so
-    the token is the full product's. "auto" (where lm_head is a float32 linear layer and the
-    int8 kernel runs), "on" (raise where it cannot) or "off". Costs an int8 copy
-    of lm_head (a quarter of its float32 bytes)."""
+    the token is the full product's. "auto" (where lm_head is a float32 linear
+    layer or GGUF Q8_0 blocks and the int8 kernel runs), "on" (raise where it
+    cannot) or "off". Costs an int8 copy of lm_head (a quarter of its float32
+    bytes)."""
     model_impl: str = "auto"
     """"auto" (the native implementation where there is one, else transformers'
     modeling code with paged attention), "native" or "generic"."""

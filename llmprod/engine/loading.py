@@ -222,11 +222,8 @@ def _build_int4(
 
         model = build_model(hf_config, path, dtype, device, config.model_impl,
                             on_loaded=on_loaded)  # fmt: skip
-        if isinstance(swapper, GGUFSwapper):
-            swapper.finish(model)
-            n, q8 = swapper.int4_layers, swapper.q8_modules
-        else:
-            n, q8 = swapper.finish(model), []
+        n = swapper.finish(model)
+        q8 = swapper.q8_modules if isinstance(swapper, GGUFSwapper) else []
     except (GGUFTypeError, ValueError) as exc:
         if isinstance(exc, InvalidConfigError):
             raise

@@ -87,13 +87,8 @@ class Sampler:
         own logits (no top-k, top-p, grammar, penalty, min_tokens or logprobs):
         a step of such rows can be screened (``ScreenedGreedyHead.choose``)."""
         p = request.params
-        return Sampler.needs_only_argmax(request) or (
-            p.top_k is None
-            and p.top_p >= 1.0
-            and p.logprobs is None
-            and request.matcher is None
-            and not _penalized(request)
-            and not _min_tokens_active(request)
+        return _plain_logits(request) and (
+            p.is_greedy or (p.top_k is None and p.top_p >= 1.0)
         )
 
     def race_noise(self, requests: list[Request], vocab: int) -> torch.Tensor | None:
@@ -112,14 +107,7 @@ class Sampler:
         """Whether the request's next token is the plain argmax of its logits:
         greedy, no logprobs, and no repetition penalty or min_tokens in effect
         (so the logits themselves are not needed, see ``ScreenedGreedyHead``)."""
-        p = request.params
-        return (
-            p.is_greedy
-            and p.logprobs is None
-            and request.matcher is None
-            and not _penalized(request)
-            and not _min_tokens_active(request)
-        )
+        return request.params.is_greedy and _plain_logits(request)
 
     def _apply_penalties(
         self,
@@ -204,6 +192,17 @@ def seeded_generator(seed: int, device: torch.device) -> torch.Generator:
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return gen
+
+
+def _plain_logits(r: Request) -> bool:
+    """No logprobs, grammar, repetition penalty or min_tokens in effect: the
+    next token depends on the model's logits only through the draw."""
+    return (
+        r.params.logprobs is None
+        and r.matcher is None
+        and not _penalized(r)
+        and not _min_tokens_active(r)
+    )
 
 
 def _penalized(r: Request) -> bool:

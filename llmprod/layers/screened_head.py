@@ -215,24 +215,47 @@ class ScreenedGreedyHead:
             self.fallback_rows += m
             return None
         scores, bound = screened
-        x = hidden.to(torch.float32)
         floor = (scores - bound).amax(dim=1)  # the best guaranteed score per row
         keep = scores.add_(bound).ge(floor[:, None])  # A + b >= floor
-        rows, cols = keep.nonzero(as_tuple=True)  # row-major: cols ascend per row
-        n = int(rows.numel())
-        if n > self.max_candidates * m or not bool(torch.isfinite(floor).all()):
+        cand = self._candidates(keep, floor)
+        if cand is None:
+            return None
+        rows, cols = cand
+        return self._first_best(rows, cols, self._exact(hidden, rows, cols), m)
+
+    def _candidates(
+        self, keep: torch.Tensor, floor: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The (row, token) pairs ``keep`` marks, row-major (tokens ascend in a
+        row), or None (counted as fallback rows) when there are too many or a
+        row's floor is not finite."""
+        m = keep.shape[0]
+        rows, cols = keep.nonzero(as_tuple=True)
+        if rows.numel() > self.max_candidates * m or not bool(
+            torch.isfinite(floor).all()
+        ):
             self.fallback_rows += m
             return None
-        exact = (self._gather(cols) * x.index_select(0, rows)).sum(1)
-        best = torch.full((m,), float("-inf")).scatter_reduce(
-            0, rows, exact, "amax", include_self=True
-        )
-        top = exact == best.index_select(0, rows)
+        return rows, cols
+
+    def _exact(
+        self, hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+    ) -> torch.Tensor:
+        """The candidates' logits in float32, from the exact weights."""
+        x = hidden.to(torch.float32)
+        return (self._gather(cols) * x.index_select(0, rows)).sum(1)
+
+    def _first_best(
+        self, rows: torch.Tensor, cols: torch.Tensor, key: torch.Tensor, m: int
+    ) -> list[int]:
+        """Per row, the first candidate token with the largest ``key`` (like
+        ``argmax`` over the full row); counts the rows and candidates."""
+        top = key == _row_max(rows, key, m).index_select(0, rows)
         first = torch.full((m,), self.vocab, dtype=cols.dtype).scatter_reduce(
             0, rows[top], cols[top], "amin", include_self=True
         )
         self.rows += m
-        self.candidates += n
+        self.candidates += int(rows.numel())
         return first.tolist()  # type: ignore[no-any-return]
 
     @torch.inference_mode()
@@ -271,10 +294,11 @@ class ScreenedGreedyHead:
             self.fallback_rows += m
             return None
         scores, bound = screened
-        inv_t = torch.tensor(
-            [1.0 / t if t is not None else 1.0 for t in temperatures],
-            dtype=torch.float64,
-        )[:, None]
+        # The sampler divides the logits by these (greedy rows: 1, unused).
+        temps = torch.tensor(
+            [t if t is not None else 1.0 for t in temperatures], dtype=torch.float32
+        )
+        inv_t = temps.double().reciprocal()[:, None]
         gumbel = torch.where(
             sampling[:, None],
             -noise.double().log(),
@@ -288,34 +312,25 @@ class ScreenedGreedyHead:
         # float32 softmax and division (relative errors of a few 2^-24).
         slack = torch.where(sampling, 2.0**-14 + 2.0**-18 * floor.abs(), 0.0)
         keep = hi.ge_((floor - slack)[:, None])
-        rows, cols = keep.nonzero(as_tuple=True)
-        n = int(rows.numel())
-        if n > self.max_candidates * m or not bool(torch.isfinite(floor).all()):
-            self.fallback_rows += m
+        cand = self._candidates(keep, floor)
+        if cand is None:
             return None
-        x = hidden.to(torch.float32)
-        exact = (self._gather(cols) * x.index_select(0, rows)).sum(1)
+        rows, cols = cand
+        exact = self._exact(hidden, rows, cols)
         # As the sampler ranks them: float32 logits / T, exp against the row's
         # best, divided by the noise; greedy rows by the logit itself.
-        temps = torch.tensor(
-            [t if t is not None else 1.0 for t in temperatures], dtype=torch.float32
-        )
         scaled = exact / temps.index_select(0, rows)
-        best = torch.full((m,), float("-inf")).scatter_reduce(
-            0, rows, scaled, "amax", include_self=True
-        )
-        race = (scaled - best.index_select(0, rows)).exp() / noise[rows, cols]
+        best = _row_max(rows, scaled, m).index_select(0, rows)
+        race = (scaled - best).exp() / noise[rows, cols]
         key = torch.where(sampling.index_select(0, rows), race, exact)
-        top_key = torch.full((m,), float("-inf")).scatter_reduce(
-            0, rows, key, "amax", include_self=True
-        )
-        top = key == top_key.index_select(0, rows)
-        first = torch.full((m,), self.vocab, dtype=cols.dtype).scatter_reduce(
-            0, rows[top], cols[top], "amin", include_self=True
-        )
-        self.rows += m
-        self.candidates += n
-        return first.tolist()  # type: ignore[no-any-return]
+        return self._first_best(rows, cols, key, m)
+
+
+def _row_max(rows: torch.Tensor, values: torch.Tensor, m: int) -> torch.Tensor:
+    """The largest of ``values`` in each of the ``m`` rows (-inf where none)."""
+    return torch.full((m,), float("-inf")).scatter_reduce(
+        0, rows, values, "amax", include_self=True
+    )
 
 
 def _round_up(t: torch.Tensor) -> torch.Tensor:

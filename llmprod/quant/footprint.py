@@ -33,8 +33,8 @@ def _format(t: torch.Tensor) -> str:
 def weight_bytes_by_format(model: nn.Module, *extra: Any) -> dict[str, int]:
     """Resident bytes of the model's weights, keyed by format: ``"int4"`` (codes,
     scales and minimums of int4 layers), ``"int8"`` (int8 layers, with their
-    scales), ``"q8_0"`` (a GGUF Q8_0 embedding or lm_head, codes and scales), and the dtype name of every other parameter and buffer
-    (``"float32"``...). A storage shared by several tensors (tied embeddings)
+    scales), ``"q8_0"`` (a GGUF Q8_0 embedding or lm_head, codes and scales),
+    and the dtype name of every other parameter and buffer (``"float32"``...). A storage shared by several tensors (tied embeddings)
     counts once. ``extra``: other holders of weight copies (the greedy head's
     int8 lm_head), whose tensor attributes count too.
 

@@ -39,8 +39,6 @@ __all__ = [
     "GGUFTypeError",
     "check_gguf_types",
     "gguf_file_of",
-    "load_gguf_int4",
-    "load_gguf_q8",
     "read_gguf",
     "read_q4",
 ]
@@ -295,13 +293,15 @@ class GGUFSwapper:
         elif name == "lm_head":
             self._swap_q8(model, ("head",))
 
-    def finish(self, model: nn.Module) -> None:
-        """Swap every module the hook has not (all of them without it)."""
+    def finish(self, model: nn.Module) -> int:
+        """Swap every module the hook has not (all of them without it); returns
+        how many linear layers are int4 in all."""
         from llmprod.quant.convert import _select_linears
 
         for name, linear in list(_select_linears(model, self.skip)):
             self._swap_int4(model, name, linear)
         self._swap_q8(model)
+        return self.int4_layers
 
     def _swap_int4(self, model: nn.Module, name: str, linear: nn.Linear) -> None:
         from llmprod.quant.convert import _set_submodule
@@ -358,37 +358,6 @@ class GGUFSwapper:
                 f"weight"
             )
         return w
-
-
-def load_gguf_int4(
-    model: nn.Module, gguf_path: Path, hf_config: Any, skip: tuple[str, ...]
-) -> int:
-    """Swap the model's Q4 linear layers for int4 layers holding the file's codes
-    (all at once; the Engine swaps each as it loads, :class:`GGUFSwapper`).
-
-    Returns how many layers were swapped. Raises GGUFTypeError when a layer's
-    codes do not reproduce its float32 weight exactly (a file that is not the
-    one the model was built from, or a row order this loader does not know).
-    """
-    from llmprod.quant.convert import _select_linears
-
-    swapper = GGUFSwapper(gguf_path, hf_config, skip)
-    for name, linear in list(_select_linears(model, skip)):
-        swapper._swap_int4(model, name, linear)
-    return swapper.int4_layers
-
-
-def load_gguf_q8(model: nn.Module, gguf_path: Path, hf_config: Any) -> list[str]:
-    """Hold a Q8_0 token embedding in its blocks, and lm_head with it where the
-    two are tied (or where lm_head is itself Q8_0). Returns the names of the
-    modules swapped.
-
-    Raises:
-        GGUFTypeError: the blocks do not reproduce the model's float32 weight.
-    """
-    swapper = GGUFSwapper(gguf_path, hf_config, ())
-    swapper._swap_q8(model)
-    return swapper.q8_modules
 
 
 def _match(
