@@ -431,9 +431,9 @@ class Int4Quantizer:
 
     def finish(self, model: nn.Module) -> int:
         """Quantize the layers the hook has not; returns how many in all."""
-        self._check(model)
+        targets = self._check(model)
         for name, module in list(model.named_modules()):
-            if name in (self._targets or ()) and isinstance(module, nn.Linear):
+            if name in targets and isinstance(module, nn.Linear):
                 self._swap(model, name, module)
         return self.layers
 
