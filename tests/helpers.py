@@ -1,11 +1,12 @@
 """Helpers shared by the test modules: waiting for an engine to go idle, the
-block-pool check, and greedy equality against transformers."""
+block-pool check, greedy equality against transformers, and a sampler with a
+fault injected."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -101,3 +102,31 @@ class EndingsSpy:
 
         monkeypatch.setattr(output, "make_handle", spy_make)
         monkeypatch.setattr(output, "_deliver", spy_deliver)
+
+
+class SamplerWithFault:
+    """The engine's sampler with a fault injected (no real input makes the
+    sampler raise on demand): it samples, or draws the race noise a screened
+    step uses (greedy screening races over it without calling the sampler), and
+    then calls ``check(requests)``, which raises the fault. A seeded request's
+    generator has then already moved: the engine must rewind it before the step
+    is rerun."""
+
+    def __init__(self, inner: Any, check: Callable[[list[Request]], None]) -> None:
+        self.inner = inner
+        self.check = check
+
+    def __call__(
+        self, logits: Any, requests: list[Request], eos: Any, noise: Any = None
+    ) -> Any:
+        out = self.inner(logits, requests, eos, noise)
+        self.check(requests)
+        return out
+
+    def race_noise(self, requests: list[Request], vocab: int) -> Any:
+        out = self.inner.race_noise(requests, vocab)
+        self.check(requests)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)

@@ -43,7 +43,13 @@ from llmprod.ops.limits import TenantLimits
 from llmprod.ops.pricing import PriceTable
 from llmprod.outputs import Completion
 from llmprod.sched.request import Request
-from tests.helpers import EndingsSpy, assert_pool_whole, drain, wait_idle
+from tests.helpers import (
+    EndingsSpy,
+    SamplerWithFault,
+    assert_pool_whole,
+    drain,
+    wait_idle,
+)
 
 SEED = 20240611
 SHORT_RUN, LONG_RUN = 150, 1500
@@ -137,28 +143,12 @@ class Faults:
             self.maybe_raise("forward", self._batch)
             return forward(*args, **kwargs)
 
-        faults = self
-
-        class FaultySampler:
-            def __call__(
-                self, logits: Any, requests: list[Request], eos: Any, noise: Any = None
-            ) -> Any:
-                out = sample(logits, requests, eos, noise)  # draws first: rewinding
-                faults.maybe_raise("sampler", requests)  # matters
-                return out
-
-            def race_noise(self, requests: list[Request], vocab: int) -> Any:
-                # A screened step draws here and never calls the sampler.
-                out = sample.race_noise(requests, vocab)
-                faults.maybe_raise("sampler", requests)
-                return out
-
-            def __getattr__(self, name: str) -> Any:
-                return getattr(sample, name)
-
         runner.execute = execute_spy  # type: ignore[method-assign]
         runner.model.forward = faulty_forward  # type: ignore[method-assign]
-        runner.sampler = FaultySampler()  # type: ignore[assignment]
+        # It draws first: rewinding the generators matters.
+        runner.sampler = SamplerWithFault(  # type: ignore[assignment]
+            sample, lambda requests: self.maybe_raise("sampler", requests)
+        )
 
     def maybe_raise(self, where: str, requests: list[Request]) -> None:
         for r in requests:

@@ -31,7 +31,13 @@ from llmprod.ops.pricing import PriceTable
 from llmprod.outputs import Completion, Delta
 from llmprod.sampling_params import MIN_TOP_P
 from llmprod.sched.request import Request
-from tests.helpers import EndingsSpy, assert_pool_whole, drain, wait_idle
+from tests.helpers import (
+    EndingsSpy,
+    SamplerWithFault,
+    assert_pool_whole,
+    drain,
+    wait_idle,
+)
 
 MODEL = "smollm2-135m"
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -90,37 +96,19 @@ def poisoned(kind: str) -> Callable[[Request], bool]:
     return lambda r: r.params.extra.get("poison") == kind
 
 
-class FaultySampler:
-    """The engine's sampler with a fault injected: no real input makes the
-    sampler raise on demand. It samples, then raises when ``fails(requests)``
-    (so a seeded request's generator has already moved: the engine must rewind
-    it before the step is rerun)."""
+class FaultySampler(SamplerWithFault):
+    """The sampler, raising "injected sampler fault" after it samples for a
+    step whose requests ``fails``; counts the faults."""
 
     def __init__(self, inner: Any, fails: Callable[[list[Request]], bool]) -> None:
-        self.inner = inner
-        self.fails = fails
         self.faults = 0
 
-    def __call__(
-        self, logits: Any, requests: list[Request], eos: Any, noise: Any = None
-    ) -> Any:
-        out = self.inner(logits, requests, eos, noise)
-        if self.fails(requests):
-            self.faults += 1
-            raise RuntimeError("injected sampler fault")
-        return out
+        def check(requests: list[Request]) -> None:
+            if fails(requests):
+                self.faults += 1
+                raise RuntimeError("injected sampler fault")
 
-    def race_noise(self, requests: list[Request], vocab: int) -> Any:
-        # Where a screened step draws (greedy screening races over the noise
-        # without calling the sampler).
-        out = self.inner.race_noise(requests, vocab)
-        if self.fails(requests):
-            self.faults += 1
-            raise RuntimeError("injected sampler fault")
-        return out
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+        super().__init__(inner, check)
 
 
 class ExplodingDetokenizer:
