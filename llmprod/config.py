@@ -276,6 +276,14 @@ class EngineConfig:
     layer or GGUF Q8_0 blocks and the int8 kernel runs), "on" (raise where it
     cannot) or "off". Costs an int8 copy of lm_head (a quarter of its float32
     bytes)."""
+    fused_ops: str = "auto"
+    """The decode step's small operations (residual add and RMSNorm, rotary
+    embedding, the SiLU gate, decode attention over the paged cache) as one C
+    call each, compiled once per machine with the system C compiler
+    (llmprod.layers.cpu). "auto" (on for the native model in float32 on the CPU
+    with the torch attention backend, where a compiler is found; else torch
+    operations, the reason logged once), "on" (raise where they cannot run) or
+    "off"."""
     model_impl: str = "auto"
     """"auto" (the native implementation where there is one, else transformers'
     modeling code with paged attention), "native" or "generic"."""
@@ -349,6 +357,7 @@ class EngineConfig:
         _check_choice("attention_backend", self.attention_backend, _BACKENDS)
         _check_choice("linear_backend", self.linear_backend, _LINEAR_BACKENDS)
         _check_choice("greedy_screening", self.greedy_screening, _SCREENING)
+        _check_choice("fused_ops", self.fused_ops, _SCREENING)
         _check_choice("model_impl", self.model_impl, _MODEL_IMPLS)
         _check_choice("quantization", self.quantization, _QUANT)
         skip = self.quantization_skip

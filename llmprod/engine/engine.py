@@ -37,6 +37,7 @@ from llmprod.engine.loading import (
 from llmprod.engine.output import Handle, OutputProcessor
 from llmprod.errors import (
     EngineClosedError,
+    InvalidConfigError,
     InvalidRequestError,
     UnsupportedModelError,
 )
@@ -47,6 +48,7 @@ from llmprod.exec.runner import ModelRunner
 from llmprod.exec.threads import run_in_own_thread
 from llmprod.kv.manager import KVCacheManager
 from llmprod.layers.attention import get_attention_backend
+from llmprod.layers.cpu import attach_fused_ops
 from llmprod.lora import AdapterInfo, LoRAManager
 from llmprod.models.loader import eos_token_ids, max_model_len, pick_device
 from llmprod.models.protocol import PagedCausalLM
@@ -121,6 +123,14 @@ class Engine:
             )
         cc = config.cache_config
         self.backend = get_attention_backend(config.attention_backend, self.device)
+        try:
+            fused = attach_fused_ops(
+                model, config.fused_ops, self.backend.name, self.device, self.dtype
+            )
+        except ValueError as exc:
+            raise InvalidConfigError(str(exc), "fused_ops") from exc
+        self.fused_cpu_ops = fused
+        """Whether the step runs the fused CPU operations (llmprod.layers.cpu)."""
         self.block_size: int = cc.block_size or self.backend.default_block_size
         self.kv_block_bytes = ModelRunner.bytes_per_block(
             model, self.block_size, self.dtype

@@ -108,6 +108,7 @@ def start_tensor_parallel(
         device=device.type,
         linear_backend=linear_backend(config, device, dtype),
         attention_backend=config.attention_backend,
+        fused_ops=config.fused_ops,
         num_threads=config.num_threads or 1,
         timeout_s=parallel.DEFAULT_TIMEOUT_S,
     )

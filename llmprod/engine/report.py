@@ -44,6 +44,7 @@ def snapshot(engine: Engine) -> MetricsSnapshot:
             "attention_backend": engine.backend.name,
             "linear_backend": engine.linear_backend,
             "packed_linears": engine.packed_linears,
+            "fused_cpu_ops": engine.fused_cpu_ops,
             "greedy_screening": {
                 "enabled": engine.greedy_head is not None,
                 **(engine.greedy_head.stats() if engine.greedy_head else {}),

@@ -259,6 +259,7 @@ class WorkerSpec:
     device: str
     linear_backend: str
     attention_backend: str
+    fused_ops: str
     num_threads: int
     timeout_s: float
 
@@ -414,6 +415,7 @@ def worker_main(
 def _serve(rank: int, size: int, port: int, spec: WorkerSpec) -> None:
     from llmprod.exec.runner import zeroed_kv_caches
     from llmprod.layers.attention import get_attention_backend
+    from llmprod.layers.cpu import attach_fused_ops
     from llmprod.layers.linear import pack_onednn_linears, use_onednn_linears
     from llmprod.models.loader import build_model, load_config, pick_dtype
 
@@ -435,6 +437,9 @@ def _serve(rank: int, size: int, port: int, spec: WorkerSpec) -> None:
         use_onednn_linears(model)
         pack_onednn_linears(model, exclude=(model.lm_head,))
     backend = get_attention_backend(spec.attention_backend, device)
+    # Rank 0 has raised already where fused_ops='on' cannot be served.
+    mode = "off" if spec.fused_ops == "off" else "auto"
+    attach_fused_ops(model, mode, backend.name, device, dtype)
     kind, (num_blocks, block_size) = comm.recv_object()
     assert kind == "setup"
     shape = (2, num_blocks, block_size, int(model.num_kv_heads), int(model.head_dim))

@@ -20,6 +20,7 @@ from llmprod.layers.attention.metadata import AttentionMetadata
 
 if TYPE_CHECKING:
     from llmprod.layers.attention.backend import AttentionBackend
+    from llmprod.layers.cpu import FusedOps
 
 _HAS_RMS_NORM = hasattr(F, "rms_norm")  # torch >= 2.4
 
@@ -38,6 +39,12 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+def _input_dtype(linear: nn.Module) -> torch.dtype:
+    """The dtype a linear layer computes in: bfloat16 for the int4 kernel, whose
+    input would otherwise be converted on entry; float32 for the rest."""
+    return getattr(linear, "compute_dtype", torch.float32)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -103,6 +110,30 @@ class LlamaAttention(nn.Module):
         out = backend.forward(q, k, v, kv_cache, meta, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
+    def forward_fused(
+        self,
+        x: torch.Tensor,  # the normed hidden states, in qkv_proj's input dtype
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        backend: Any,  # TorchAttentionBackend (its forward takes ``fused``)
+        ops: FusedOps,
+    ) -> torch.Tensor:
+        """:meth:`forward` with the rotary embedding in one fused call (in place
+        on the projection's output) and the decode rows' attention in another."""
+        n = x.shape[0]
+        qkv = self.qkv_proj(x).float()
+        heads = self.num_heads + self.num_kv_heads
+        qk = qkv[:, : self.qkv_sizes[0] + self.qkv_sizes[1]].view(n, heads, -1)
+        ops.rope(qk, cos, sin)
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        v = qkv[:, heads * self.head_dim :].view(n, self.num_kv_heads, self.head_dim)
+        out = backend.forward(
+            q, k, v, kv_cache, meta, self.scale, self.sliding_window, fused=ops
+        )
+        return self.o_proj(out.view(n, self.num_heads * self.head_dim))
+
 
 class LlamaMLP(nn.Module):
     def __init__(self, config: Any) -> None:
@@ -121,6 +152,10 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+    def forward_fused(self, x: torch.Tensor, ops: FusedOps) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        return self.down_proj(ops.silu_mul(gate_up, _input_dtype(self.down_proj)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -144,6 +179,31 @@ class LlamaDecoderLayer(nn.Module):
             self.input_layernorm(hidden), cos, sin, kv_cache, meta, backend
         )
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def forward_fused(
+        self,
+        hidden: torch.Tensor,  # float32 residual stream, updated in place
+        delta: torch.Tensor | None,  # the previous layer's output, not yet added
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        backend: Any,
+        ops: FusedOps,
+    ) -> torch.Tensor:
+        """:meth:`forward` with each residual add fused into the RMSNorm after
+        it: returns this layer's MLP output, still to be added to ``hidden``."""
+        attn, mlp = self.self_attn, self.mlp
+        norm = self.input_layernorm
+        x = ops.add_rms_norm(
+            hidden, delta, norm.weight, norm.eps, _input_dtype(attn.qkv_proj)
+        )
+        out = attn.forward_fused(x, cos, sin, kv_cache, meta, backend, ops)
+        norm = self.post_attention_layernorm
+        x = ops.add_rms_norm(
+            hidden, out, norm.weight, norm.eps, _input_dtype(mlp.gate_up_proj)
+        )
+        return mlp.forward_fused(x, ops)
 
 
 class LlamaModel(nn.Module):
@@ -186,6 +246,10 @@ class LlamaForCausalLM(nn.Module):
         self.num_kv_heads = attn.num_kv_heads
         self.head_dim = attn.head_dim
         self.num_layers = config.num_hidden_layers
+        self.fused_ops: FusedOps | None = None
+        """Fused CPU operations for the step (:func:`llmprod.layers.cpu.
+        fused_ops`), set by the engine for a float32 model on the CPU with the
+        torch attention backend; None runs torch operations."""
 
     def forward(
         self,
@@ -199,9 +263,38 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = self.model.rotary_emb(hidden.unsqueeze(0), positions.unsqueeze(0))
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [num_tokens, 1, head_dim]
         backend.prepare(meta)
+        ops = self.fused_ops
+        if (
+            ops is not None
+            and backend.name == "torch"
+            and hidden.dtype == torch.float32
+            and hidden.is_cpu
+        ):
+            return self._forward_fused(hidden, cos, sin, kv_caches, meta, backend, ops)
         for layer, kv_cache in zip(self.model.layers, kv_caches):
             hidden = layer(hidden, cos, sin, kv_cache, meta, backend)
         return self.model.norm(hidden)
+
+    def _forward_fused(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+        backend: Any,  # TorchAttentionBackend (its forward takes ``fused``)
+        ops: FusedOps,
+    ) -> torch.Tensor:
+        hidden = hidden.contiguous()
+        cos, sin = cos.contiguous(), sin.contiguous()
+        delta: torch.Tensor | None = None
+        layer: LlamaDecoderLayer
+        for layer, kv_cache in zip(self.model.layers, kv_caches):  # type: ignore[assignment]
+            delta = layer.forward_fused(
+                hidden, delta, cos, sin, kv_cache, meta, backend, ops
+            )
+        norm: RMSNorm = self.model.norm
+        return ops.add_rms_norm(hidden, delta, norm.weight, norm.eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, vocab] fp32
         return self.lm_head(hidden).float()

@@ -382,13 +382,20 @@ class WeightOnlyInt4Linear(nn.Module):
                 self._packed,
                 self.group_size,
                 self._scale_zeros,
-            ).to(x.dtype)
+            )
         else:
             w = dequantize_int4(self.codes(), self.scales, self.mins, torch.float32)
-            out = (x2.to(torch.float32) @ w.t()).to(x.dtype)
-        if self.bias is not None:
-            out = out + self.bias.to(x.dtype)
-        return out.reshape(*lead, self.out_features)
+            out = x2.to(torch.float32) @ w.t()
+        if self.bias is not None:  # added in float32, the output then float32
+            out = out.float() + self.bias.float()
+            return out.reshape(*lead, self.out_features)
+        return out.to(x.dtype).reshape(*lead, self.out_features)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The input dtype the product runs in (bfloat16 for the kernel): an
+        input already in it is not converted."""
+        return torch.bfloat16 if self.uses_kernel else torch.float32
 
 
 class Int4Quantizer:

@@ -9,11 +9,15 @@ attends to its own keys directly, without reading the cache back.
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from llmprod.layers.attention.metadata import AttentionMetadata
+
+if TYPE_CHECKING:
+    from llmprod.layers.cpu import FusedOps
 
 # Served here too for the old path ``llmprod.attention.torch_backend``.
 from llmprod.layers.attention.triton_backend import TritonAttentionBackend
@@ -232,8 +236,16 @@ class TorchAttentionBackend:
         scale: float,
         sliding_window: int | None = None,
         softcap: float | None = None,
+        fused: FusedOps | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-        num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
+        """See ``AttentionBackend.forward``. With ``fused`` (float32 caches, no
+        softcap), the decode rows are stored and attended in one fused call that
+        reads the cache blocks in place; prefill chunks take the torch path."""
+        if fused is not None and softcap is None and kv_cache.dtype == torch.float32:
+            return self._forward_fused(
+                query, key, value, kv_cache, meta, scale, sliding_window, fused
+            )
+        num_kv_heads = kv_cache.shape[3]
         slots_k, slots_v, blocks_k, blocks_v = self._views(kv_cache)
         slots_k.index_copy_(0, meta.slot_mapping, key)
         slots_v.index_copy_(0, meta.slot_mapping, value)
@@ -255,6 +267,25 @@ class TorchAttentionBackend:
                 scale,
                 softcap,
             )
+        self._prefill(
+            query, key, value, blocks_k, blocks_v, prefill_plan, scale, softcap, out
+        )
+        return out
+
+    def _prefill(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        blocks_k: torch.Tensor,
+        blocks_v: torch.Tensor,
+        prefill_plan: list[_Gather],
+        scale: float,
+        softcap: float | None,
+        out: torch.Tensor,
+    ) -> None:
+        """One SDPA call per prefill chunk, written into its rows of ``out``."""
+        num_kv_heads, head_dim = key.shape[1], key.shape[2]
         for t0, t1, blocks, mask in prefill_plan:
             q = query[t0:t1].transpose(0, 1).unsqueeze(0)  # [1, num_heads, q_len, d]
             if blocks is None:
@@ -267,6 +298,45 @@ class TorchAttentionBackend:
                 v = vb.view(-1, num_kv_heads, head_dim).transpose(0, 1).unsqueeze(0)
             o = _sdpa(q, k, v, mask, mask is None, scale, softcap)
             out[t0:t1] = o.squeeze(0).transpose(0, 1)
+
+    def _forward_fused(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+        fused: FusedOps,
+    ) -> torch.Tensor:
+        nd = meta.num_decodes
+        if nd == 0:
+            return self.forward(
+                query, key, value, kv_cache, meta, scale, sliding_window
+            )
+        decoded = fused.paged_decode(
+            query[:nd],
+            key[:nd],
+            value[:nd],
+            kv_cache,
+            meta.slot_mapping[:nd],
+            meta.block_tables[:nd],
+            meta.seq_lens[:nd],
+            scale,
+            sliding_window,
+        )
+        if nd == query.shape[0]:
+            return decoded
+        slots_k, slots_v, blocks_k, blocks_v = self._views(kv_cache)
+        slots_k.index_copy_(0, meta.slot_mapping[nd:], key[nd:])
+        slots_v.index_copy_(0, meta.slot_mapping[nd:], value[nd:])
+        _, prefill_plan = self._plan(meta, sliding_window)
+        out = torch.empty_like(query)
+        out[:nd] = decoded
+        self._prefill(
+            query, key, value, blocks_k, blocks_v, prefill_plan, scale, None, out
+        )
         return out
 
     def _decode(

@@ -1,0 +1,308 @@
+"""Fused CPU operations for the decode step (``decode_ops.c``), built at first use.
+
+The step's small operations (residual add and RMSNorm, rotary embedding, the
+SiLU gate, decode attention over the paged cache) each cost several torch calls
+of a few microseconds; at batch 1 they took more time than the matrix products
+(docs/benchmarks.md, "Fused CPU operations"). Here each is one C call.
+
+The C file is compiled once per machine with the system compiler (``$CC`` or
+``cc``) into ``cpu-ops/`` of the model cache (``$LLMPROD_CACHE_DIR``, default
+``~/.cache/llmprod``) and loaded with ctypes. Where no compiler is found or it
+fails, :func:`fused_ops` returns None, the log says why once, and the model
+runs its torch operations instead (``EngineConfig.fused_ops``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from llmprod.models.registry import cache_dir
+
+log = logging.getLogger("llmprod")
+
+_SOURCE = Path(__file__).with_name("decode_ops.c")
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared"]
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+_lock = threading.Lock()
+_loaded: FusedOps | None = None
+_tried = False
+_failure = ""
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` depends on: the CPU's model and flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    lines = [ln for ln in text.splitlines() if ln.startswith(("flags", "model name"))]
+    return "\n".join(sorted(set(lines)))
+
+
+def _build() -> Path:
+    """Compile the C file (once per source, flags and CPU); return the library."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (cc, gcc or $CC)")
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(
+        source + " ".join(_FLAGS).encode() + _cpu_signature().encode()
+    ).hexdigest()[:16]
+    target = cache_dir() / "cpu-ops" / f"decode_ops-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [compiler, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[:500]}")
+        os.replace(tmp, target)  # atomic: concurrent builders agree
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def fused_ops() -> FusedOps | None:
+    """The fused operations, built and loaded on first call; None where they
+    cannot be (the reason logged once)."""
+    global _loaded, _tried, _failure
+    if _tried:
+        return _loaded
+    with _lock:
+        if _tried:
+            return _loaded
+        try:
+            _loaded = FusedOps(ctypes.CDLL(str(_build())))
+        except Exception as exc:  # any failure means: run torch operations
+            _failure = str(exc)
+            log.warning(
+                "fused CPU operations unavailable (%s); the step runs torch "
+                "operations instead",
+                exc,
+            )
+        _tried = True
+    return _loaded
+
+
+_i64 = ctypes.c_int64
+_ptr = ctypes.c_void_p
+_int = ctypes.c_int
+_f32 = ctypes.c_float
+
+
+class FusedOps:
+    """Typed entry points to the compiled library; tensors in, checked, out."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._add_rms_norm = lib.llmprod_add_rms_norm
+        self._add_rms_norm.argtypes = [
+            _ptr,
+            _ptr,
+            _int,
+            _i64,
+            _ptr,
+            _ptr,
+            _int,
+            _i64,
+            _i64,
+            _f32,
+        ]
+        self._add_rms_norm.restype = None
+        self._silu_mul = lib.llmprod_silu_mul
+        self._silu_mul.argtypes = [_ptr, _int, _ptr, _int, _i64, _i64]
+        self._silu_mul.restype = None
+        self._rope = lib.llmprod_rope
+        self._rope.argtypes = [_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64]
+        self._rope.restype = None
+        self._decode = lib.llmprod_paged_decode
+        self._decode.argtypes = [
+            _ptr,
+            _i64,
+            _ptr,
+            _ptr,
+            _i64,
+            _i64,
+            _ptr,
+            _ptr,
+            _ptr,
+            _ptr,
+            _i64,
+            _ptr,
+            _i64,
+            _i64,
+            _i64,
+            _i64,
+            _i64,
+            _f32,
+            _i64,
+            _ptr,
+        ]
+        self._decode.restype = None
+
+    def add_rms_norm(
+        self,
+        hidden: torch.Tensor,  # float32 [rows, dim], contiguous; updated in place
+        delta: torch.Tensor | None,  # [rows, dim], rows contiguous
+        weight: torch.Tensor,  # float32 [dim]
+        eps: float,
+        out_dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """``hidden += delta``; returns ``rms_norm(hidden) * weight``."""
+        rows, dim = hidden.shape
+        out = torch.empty(rows, dim, dtype=out_dtype)
+        if delta is None:
+            dptr, dtype, stride = None, 0, 0
+        else:
+            assert delta.stride(1) == 1 and delta.shape == hidden.shape
+            dptr, dtype, stride = (
+                delta.data_ptr(),
+                _DTYPES[delta.dtype],
+                delta.stride(0),
+            )
+        self._add_rms_norm(
+            hidden.data_ptr(),
+            dptr,
+            dtype,
+            stride,
+            weight.data_ptr(),
+            out.data_ptr(),
+            _DTYPES[out_dtype],
+            rows,
+            dim,
+            eps,
+        )
+        return out
+
+    def silu_mul(
+        self, gate_up: torch.Tensor, out_dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """``silu(gate) * up`` of the two halves of each contiguous row."""
+        rows, width = gate_up.shape
+        assert gate_up.is_contiguous()
+        out = torch.empty(rows, width // 2, dtype=out_dtype)
+        self._silu_mul(
+            gate_up.data_ptr(),
+            _DTYPES[gate_up.dtype],
+            out.data_ptr(),
+            _DTYPES[out_dtype],
+            rows,
+            width // 2,
+        )
+        return out
+
+    def rope(
+        self,
+        x: torch.Tensor,  # float32 [rows, heads, head_dim], head_dim contiguous
+        cos: torch.Tensor,  # float32 [rows, 1, head_dim], contiguous
+        sin: torch.Tensor,
+    ) -> None:
+        """Rotate ``x`` in place (rotate-half form)."""
+        rows, heads, head_dim = x.shape
+        assert x.stride(2) == 1 and x.stride(1) == head_dim
+        self._rope(
+            x.data_ptr(),
+            x.stride(0),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            rows,
+            heads,
+            head_dim,
+        )
+
+    def paged_decode(
+        self,
+        q: torch.Tensor,  # float32 [rows, heads, head_dim]
+        k: torch.Tensor,  # float32 [rows, kv_heads, head_dim]
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,  # float32 [2, blocks, block_size, kv_heads, head_dim]
+        slots: torch.Tensor,  # int64 [rows]
+        block_tables: torch.Tensor,  # int32 [rows, max_blocks]
+        seq_lens: torch.Tensor,  # int32 [rows]
+        scale: float,
+        window: int | None,
+    ) -> torch.Tensor:  # float32 [rows, heads, head_dim]
+        rows, heads, head_dim = q.shape
+        kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
+        assert k.stride(1) == head_dim and v.stride(1) == head_dim
+        assert q.stride(1) == head_dim and block_tables.stride(1) == 1
+        out = torch.empty(rows, heads, head_dim)
+        self._decode(
+            q.data_ptr(),
+            q.stride(0),
+            k.data_ptr(),
+            v.data_ptr(),
+            k.stride(0),
+            v.stride(0),
+            kv_cache[0].data_ptr(),
+            kv_cache[1].data_ptr(),
+            slots.data_ptr(),
+            block_tables.data_ptr(),
+            block_tables.stride(0),
+            seq_lens.data_ptr(),
+            rows,
+            heads,
+            kv_heads,
+            head_dim,
+            block_size,
+            scale,
+            window or 0,
+            out.data_ptr(),
+        )
+        return out
+
+
+def attach_fused_ops(
+    model: object,
+    mode: str,
+    backend_name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> bool:
+    """Give ``model`` the fused operations where ``mode`` ("auto", "on", "off")
+    and the setting allow: a native model (one with a ``fused_ops`` attribute)
+    in float32 on the CPU with the torch attention backend. Returns whether it
+    runs them.
+
+    Raises:
+        ValueError: ``mode="on"`` where they cannot run, saying why.
+    """
+    if mode == "off":
+        return False
+    why = None
+    if not hasattr(model, "fused_ops"):
+        why = f"{type(model).__name__} has no fused path (the native model has)"
+    elif device.type != "cpu" or backend_name != "torch" or dtype != torch.float32:
+        why = (
+            "they run float32 models on the CPU with the torch attention backend, "
+            f"not {str(dtype).removeprefix('torch.')} on {device.type} with "
+            f"{backend_name!r}"
+        )
+    else:
+        ops = fused_ops()
+        model.fused_ops = ops  # type: ignore[attr-defined]
+        if ops is not None:
+            return True
+        why = f"they could not be built here ({_failure})"
+    if mode == "on":
+        raise ValueError(f"fused_ops='on': {why}")
+    return False
