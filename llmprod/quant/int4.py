@@ -155,6 +155,15 @@ def is_int4pack_available(device_type: str = "cpu") -> bool:
         return False
 
 
+def _int4_mm(
+    x: torch.Tensor, packed: Any, group_size: int, scale_zeros: Any
+) -> torch.Tensor:
+    """The kernel: bfloat16 ``x [m, k]`` times the packed weight, bfloat16 out."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(
+        x, packed, group_size, scale_zeros
+    )
+
+
 def _pack_for_kernel(q: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
 
@@ -372,12 +381,26 @@ class WeightOnlyInt4Linear(nn.Module):
             self.exact_released = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        packed = self._packed
+        if packed is not None and self.bias is None and x.dim() == 2:
+            # The step's common case, in as few torch calls as it takes.
+            if x.dtype == torch.bfloat16:
+                return _int4_mm(
+                    x.contiguous(), packed, self.group_size, self._scale_zeros
+                )
+            out = _int4_mm(
+                x.to(torch.bfloat16).contiguous(),
+                packed,
+                self.group_size,
+                self._scale_zeros,
+            )
+            return out.to(x.dtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.uses_kernel:
             if self._packed is None:
                 self.prepare()
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            out = _int4_mm(
                 x2.to(torch.bfloat16).contiguous(),
                 self._packed,
                 self.group_size,

@@ -33,6 +33,7 @@ log = logging.getLogger("llmprod")
 
 _SOURCE = Path(__file__).with_name("decode_ops.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared"]
+_OPENMP = "-fopenmp"  # dropped where the compiler lacks it (one thread then)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 _lock = threading.Lock()
@@ -67,19 +68,22 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run(
-            [compiler, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[:500]}")
-        os.replace(tmp, target)  # atomic: concurrent builders agree
+        error = ""
+        for extra in ([_OPENMP], []):
+            done = subprocess.run(
+                [compiler, *_FLAGS, *extra, "-o", tmp, str(_SOURCE), "-lm"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            if done.returncode == 0:
+                os.replace(tmp, target)  # atomic: concurrent builders agree
+                return target
+            error = error or done.stderr.strip()[:500]
+        raise RuntimeError(f"{compiler} failed: {error}")
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return target
 
 
 def fused_ops() -> FusedOps | None:
@@ -109,55 +113,29 @@ _ptr = ctypes.c_void_p
 _int = ctypes.c_int
 _f32 = ctypes.c_float
 
+# The C functions' parameters, in order (decode_ops.c).
+_SIGNATURES = {
+    "llmprod_add_rms_norm": "p p i l p p i l l f i",
+    "llmprod_silu_mul": "p i p i l l i",
+    "llmprod_rope": "p l p p l l l i",
+    "llmprod_paged_decode": "p l p p l l p p p p l p l l l l l f l p i",
+}
+_CTYPES = {"p": _ptr, "i": _int, "l": _i64, "f": _f32}
+
 
 class FusedOps:
-    """Typed entry points to the compiled library; tensors in, checked, out."""
+    """Typed entry points to the compiled library: tensors in, shapes checked,
+    new tensors out. Each call splits large batches over torch's thread count."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
+        for name, sig in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes = [_CTYPES[c] for c in sig.split()]
+            fn.restype = None
         self._add_rms_norm = lib.llmprod_add_rms_norm
-        self._add_rms_norm.argtypes = [
-            _ptr,
-            _ptr,
-            _int,
-            _i64,
-            _ptr,
-            _ptr,
-            _int,
-            _i64,
-            _i64,
-            _f32,
-        ]
-        self._add_rms_norm.restype = None
         self._silu_mul = lib.llmprod_silu_mul
-        self._silu_mul.argtypes = [_ptr, _int, _ptr, _int, _i64, _i64]
-        self._silu_mul.restype = None
         self._rope = lib.llmprod_rope
-        self._rope.argtypes = [_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64]
-        self._rope.restype = None
         self._decode = lib.llmprod_paged_decode
-        self._decode.argtypes = [
-            _ptr,
-            _i64,
-            _ptr,
-            _ptr,
-            _i64,
-            _i64,
-            _ptr,
-            _ptr,
-            _ptr,
-            _ptr,
-            _i64,
-            _ptr,
-            _i64,
-            _i64,
-            _i64,
-            _i64,
-            _i64,
-            _f32,
-            _i64,
-            _ptr,
-        ]
-        self._decode.restype = None
 
     def add_rms_norm(
         self,
@@ -180,17 +158,10 @@ class FusedOps:
                 delta.stride(0),
             )
         self._add_rms_norm(
-            hidden.data_ptr(),
-            dptr,
-            dtype,
-            stride,
-            weight.data_ptr(),
-            out.data_ptr(),
-            _DTYPES[out_dtype],
-            rows,
-            dim,
-            eps,
-        )
+            hidden.data_ptr(), dptr, dtype, stride, weight.data_ptr(),
+            out.data_ptr(), _DTYPES[out_dtype], rows, dim, eps,
+            torch.get_num_threads(),
+        )  # fmt: skip
         return out
 
     def silu_mul(
@@ -201,13 +172,9 @@ class FusedOps:
         assert gate_up.is_contiguous()
         out = torch.empty(rows, width // 2, dtype=out_dtype)
         self._silu_mul(
-            gate_up.data_ptr(),
-            _DTYPES[gate_up.dtype],
-            out.data_ptr(),
-            _DTYPES[out_dtype],
-            rows,
-            width // 2,
-        )
+            gate_up.data_ptr(), _DTYPES[gate_up.dtype], out.data_ptr(),
+            _DTYPES[out_dtype], rows, width // 2, torch.get_num_threads(),
+        )  # fmt: skip
         return out
 
     def rope(
@@ -220,14 +187,9 @@ class FusedOps:
         rows, heads, head_dim = x.shape
         assert x.stride(2) == 1 and x.stride(1) == head_dim
         self._rope(
-            x.data_ptr(),
-            x.stride(0),
-            cos.data_ptr(),
-            sin.data_ptr(),
-            rows,
-            heads,
-            head_dim,
-        )
+            x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(),
+            rows, heads, head_dim, torch.get_num_threads(),
+        )  # fmt: skip
 
     def paged_decode(
         self,
@@ -241,33 +203,20 @@ class FusedOps:
         scale: float,
         window: int | None,
     ) -> torch.Tensor:  # float32 [rows, heads, head_dim]
+        """Store each row's key and value at its slot, then attend to its
+        sequence's cached keys (the last ``window`` of them, if given)."""
         rows, heads, head_dim = q.shape
         kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
         assert k.stride(1) == head_dim and v.stride(1) == head_dim
         assert q.stride(1) == head_dim and block_tables.stride(1) == 1
         out = torch.empty(rows, heads, head_dim)
         self._decode(
-            q.data_ptr(),
-            q.stride(0),
-            k.data_ptr(),
-            v.data_ptr(),
-            k.stride(0),
-            v.stride(0),
-            kv_cache[0].data_ptr(),
-            kv_cache[1].data_ptr(),
-            slots.data_ptr(),
-            block_tables.data_ptr(),
-            block_tables.stride(0),
-            seq_lens.data_ptr(),
-            rows,
-            heads,
-            kv_heads,
-            head_dim,
-            block_size,
-            scale,
-            window or 0,
-            out.data_ptr(),
-        )
+            q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0),
+            v.stride(0), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
+            slots.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
+            seq_lens.data_ptr(), rows, heads, kv_heads, head_dim, block_size,
+            scale, window or 0, out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
         return out
 
 

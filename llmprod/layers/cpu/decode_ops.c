@@ -2,10 +2,12 @@
  * matrix products, one call each instead of several torch operations.
  *
  * Built at first use with the system C compiler (llmprod/layers/cpu/__init__.py)
- * and called through ctypes with raw pointers. Every function works row by row,
- * single-threaded, so a row's result never depends on the other rows of the
- * batch. Compiled with -ffp-contract=off: a product and a sum are rounded
- * separately, as torch's element-wise operations round them.
+ * and called through ctypes with raw pointers. Every function computes each row
+ * on its own, in the same order whatever the batch, so a row's result never
+ * depends on the other rows; large batches split their rows over `threads`
+ * OpenMP threads (torch's own runtime where it is libgomp, which this library
+ * then shares). Compiled with -ffp-contract=off: a product and a sum are
+ * rounded separately, as torch's element-wise operations round them.
  *
  * Activation buffers are float32 (dtype 0) or bfloat16 (dtype 1).
  */
@@ -13,6 +15,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* Rows of `width` values worth a parallel region: below this much work one
+ * thread finishes before a team would start. */
+#define PARALLEL_WORK 32768
 
 static inline float bf16_load(const uint16_t *p) {
     uint32_t u = (uint32_t)(*p) << 16;
@@ -47,9 +53,11 @@ static inline void store(void *base, int dtype, int64_t i, float v) {
  * out: [rows, dim] of out_dtype. */
 void llmprod_add_rms_norm(float *hidden, const void *delta, int delta_dtype,
                           int64_t delta_stride, const float *weight, void *out,
-                          int out_dtype, int64_t rows, int64_t dim, float eps) {
-    float scratch[16];
+                          int out_dtype, int64_t rows, int64_t dim, float eps,
+                          int threads) {
+#pragma omp parallel for num_threads(threads) if (rows * dim >= PARALLEL_WORK)
     for (int64_t r = 0; r < rows; r++) {
+        float scratch[16];
         float *h = hidden + r * dim;
         if (delta) {
             if (delta_dtype) {
@@ -81,7 +89,8 @@ void llmprod_add_rms_norm(float *hidden, const void *delta, int delta_dtype,
 /* out = silu(gate) * up, gate and up the two halves of each row of gate_up
  * ([rows, 2 * inter] of in_dtype); out: [rows, inter] of out_dtype. */
 void llmprod_silu_mul(const void *gate_up, int in_dtype, void *out, int out_dtype,
-                      int64_t rows, int64_t inter) {
+                      int64_t rows, int64_t inter, int threads) {
+#pragma omp parallel for num_threads(threads) if (rows * inter >= PARALLEL_WORK)
     for (int64_t r = 0; r < rows; r++) {
         int64_t g0 = r * 2 * inter, o0 = r * inter;
         for (int64_t i = 0; i < inter; i++) {
@@ -97,8 +106,9 @@ void llmprod_silu_mul(const void *gate_up, int in_dtype, void *out, int out_dtyp
  * of each row of x (float32, row stride x_stride, head_dim contiguous values
  * per head); cos and sin: float32 [rows, head_dim]. */
 void llmprod_rope(float *x, int64_t x_stride, const float *cos_, const float *sin_,
-                  int64_t rows, int64_t heads, int64_t head_dim) {
+                  int64_t rows, int64_t heads, int64_t head_dim, int threads) {
     int64_t half = head_dim / 2;
+#pragma omp parallel for num_threads(threads) if (rows * heads * head_dim >= PARALLEL_WORK)
     for (int64_t r = 0; r < rows; r++) {
         const float *c = cos_ + r * head_dim, *s = sin_ + r * head_dim;
         for (int64_t h = 0; h < heads; h++) {
@@ -129,15 +139,16 @@ void llmprod_paged_decode(const float *q, int64_t q_stride, const float *k_new,
                           const int32_t *block_tables, int64_t table_stride,
                           const int32_t *seq_lens, int64_t rows, int64_t heads,
                           int64_t kv_heads, int64_t head_dim, int64_t block_size,
-                          float scale, int64_t window, float *out) {
+                          float scale, int64_t window, float *out, int threads) {
     int64_t token = kv_heads * head_dim, group = heads / kv_heads;
-    static __thread float *scores = NULL;
-    static __thread int64_t capacity = 0;
     for (int64_t r = 0; r < rows; r++) {
         memcpy(k_cache + slots[r] * token, k_new + r * k_stride, token * sizeof(float));
         memcpy(v_cache + slots[r] * token, v_new + r * v_stride, token * sizeof(float));
     }
+#pragma omp parallel for num_threads(threads) schedule(dynamic) if (rows > 1)
     for (int64_t r = 0; r < rows; r++) {
+        static __thread float *scores = NULL;
+        static __thread int64_t capacity = 0;
         int64_t len = seq_lens[r];
         int64_t start = (window > 0 && len > window) ? len - window : 0;
         int64_t n = len - start;
