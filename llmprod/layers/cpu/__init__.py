@@ -119,6 +119,7 @@ _SIGNATURES = {
     "llmprod_silu_mul": "p i p i l l i",
     "llmprod_rope": "p l p p l l l i",
     "llmprod_paged_decode": "p l p p l l p p p p l p l l l l l f l p i",
+    "llmprod_int8_linear": "p l l p p l p i i",
 }
 _CTYPES = {"p": _ptr, "i": _int, "l": _i64, "f": _f32}
 
@@ -136,6 +137,7 @@ class FusedOps:
         self._silu_mul = lib.llmprod_silu_mul
         self._rope = lib.llmprod_rope
         self._decode = lib.llmprod_paged_decode
+        self._int8_linear = lib.llmprod_int8_linear
 
     def add_rms_norm(
         self,
@@ -216,6 +218,27 @@ class FusedOps:
             slots.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
             seq_lens.data_ptr(), rows, heads, kv_heads, head_dim, block_size,
             scale, window or 0, out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+    def int8_linear(
+        self,
+        x: torch.Tensor,  # float32 [rows, in], contiguous
+        weight: torch.Tensor,  # int8 [out, in], contiguous
+        scales: torch.Tensor,  # float32 [out]
+        out_dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:  # [rows, out]
+        """``x @ (scales[:, None] * weight).T`` without dequantizing the weight
+        (float32 sums): the product for a few rows, where reading the int8
+        weight once is the cost."""
+        rows, k = x.shape
+        n = weight.shape[0]
+        assert x.is_contiguous() and weight.is_contiguous() and weight.shape[1] == k
+        assert x.dtype == scales.dtype == torch.float32 and weight.dtype == torch.int8
+        out = torch.empty(rows, n, dtype=out_dtype)
+        self._int8_linear(
+            x.data_ptr(), rows, k, weight.data_ptr(), scales.data_ptr(), n,
+            out.data_ptr(), _DTYPES[out_dtype], torch.get_num_threads(),
         )  # fmt: skip
         return out
 

@@ -205,3 +205,56 @@ void llmprod_paged_decode(const float *q, int64_t q_stride, const float *k_new,
         }
     }
 }
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+/* sum_k x[k] * w[k] over K values, float32 accumulation in 32 lanes. */
+static inline float dot_i8(const float *x, const int8_t *w, int64_t K) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m512 w0 = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k))));
+        __m512 w1 = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k + 16))));
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), w0, acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), w1, acc1);
+    }
+    for (; k + 16 <= K; k += 16) {
+        __m512 w0 = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k))));
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), w0, acc0);
+    }
+    float total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    for (; k < K; k++) total += x[k] * (float)w[k];
+    return total;
+}
+#else
+static inline float dot_i8(const float *x, const int8_t *w, int64_t K) {
+    float acc[16] = {0};
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16)
+        for (int j = 0; j < 16; j++) acc[j] += x[k + j] * (float)w[k + j];
+    float total = 0.0f;
+    for (int j = 0; j < 16; j++) total += acc[j];
+    for (; k < K; k++) total += x[k] * (float)w[k];
+    return total;
+}
+#endif
+
+/* out[m, n] = scales[n] * sum_k x[m, k] * w[n, k]: a weight-only int8 product
+ * for a few rows, reading each weight row once for all of them.
+ * x: float32 [rows, K] (contiguous); w: int8 [N, K]; scales: float32 [N];
+ * out: [rows, N] of out_dtype. Output columns are split over the threads; each
+ * value is summed in the same order whatever the split. */
+void llmprod_int8_linear(const float *x, int64_t rows, int64_t K, const int8_t *w,
+                         const float *scales, int64_t N, void *out, int out_dtype,
+                         int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= PARALLEL_WORK)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *wn = w + n * K;
+        for (int64_t m = 0; m < rows; m++)
+            store(out, out_dtype, m * N + n, dot_i8(x + m * K, wn, K) * scales[n]);
+    }
+}
