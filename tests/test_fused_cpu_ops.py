@@ -149,3 +149,18 @@ def test_on_where_they_cannot_run_is_a_config_error(make_engine: Any) -> None:
         make_engine(fused_ops="on", dtype="bfloat16")
     assert err.value.field == "fused_ops"
     assert "bfloat16" in str(err.value)
+
+
+@needs_ops
+@pytest.mark.parametrize(("rows", "k"), [(1, 576), (3, 40)])  # 40: a scalar tail
+def test_int8_linear_matches_the_float64_product(rows: int, k: int) -> None:
+    assert ops is not None
+    g = torch.Generator().manual_seed(4)
+    w = torch.randint(-127, 128, (300, k), dtype=torch.int8, generator=g)
+    scales = torch.rand(300, generator=g) + 0.01
+    x = torch.randn(rows, k, generator=g)
+    expect = x.double() @ (w.double() * scales.double()[:, None]).t()
+    out = ops.int8_linear(x, w, scales)
+    # float32 sums of k terms: within k * 2^-24 of the sum of |terms|.
+    terms = x.double().abs() @ (w.double().abs() * scales.double()[:, None]).t()
+    assert ((out.double() - expect).abs() <= k * 2.0**-24 * terms + 1e-30).all()

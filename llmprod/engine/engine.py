@@ -125,7 +125,12 @@ class Engine:
         self.backend = get_attention_backend(config.attention_backend, self.device)
         try:
             fused = attach_fused_ops(
-                model, config.fused_ops, self.backend.name, self.device, self.dtype
+                model,
+                config.fused_ops,
+                self.backend.name,
+                self.device,
+                self.dtype,
+                self.greedy_head,
             )
         except ValueError as exc:
             raise InvalidConfigError(str(exc), "fused_ops") from exc
@@ -195,6 +200,14 @@ class Engine:
         """The draft model's proposer (``speculative`` with ``method="draft"``)."""
         if draft is not None:
             assert spec is not None
+            attach_fused_ops(
+                draft.loaded.model,
+                "off" if config.fused_ops == "off" else "auto",
+                self.backend.name,
+                self.device,
+                draft.dtype,
+                draft.fast.greedy_head,
+            )
             self.draft = DraftProposer(
                 draft.loaded.model,  # type: ignore[arg-type]
                 spec.max_num_seqs,

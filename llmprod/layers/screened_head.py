@@ -147,8 +147,13 @@ class ScreenedGreedyHead:
             a[lo:hi] = q64.norm(dim=1) * s64
         self._q = _aligned(q)
         self._scales = _aligned(s.to(torch.bfloat16))
+        self._scales32 = s
         self._r = _round_up(r)
         self._a = _round_up(a)
+        self.fused_ops: Any = None
+        """The fused CPU operations (``llmprod.layers.cpu``), set by the engine
+        where they run: one-row steps score through their int8 kernel (float32
+        activations and sums, whose error the bound's ``alpha`` covers)."""
         self.rows = 0
         """Rows (tokens) chosen by screening."""
         self.candidates = 0
@@ -162,13 +167,14 @@ class ScreenedGreedyHead:
         """Memory held beside the float32 weight (int8 copy, scales, bounds)."""
         return sum(
             t.numel() * t.element_size()
-            for t in (self._q, self._scales, self._r, self._a)
+            for t in (self._q, self._scales, self._scales32, self._r, self._a)
         )
 
     def release(self) -> None:
         """Drop the tensors (engine close); the counters stay readable."""
         empty = torch.empty(0)
-        self.weight = self._q = self._scales = self._r = self._a = empty
+        self.weight = self._q = self._scales = self._scales32 = empty
+        self._r = self._a = empty
         self._gather = lambda index: empty
 
     def stats(self) -> dict[str, Any]:
@@ -195,8 +201,13 @@ class ScreenedGreedyHead:
         alpha = (x64 - xb.double()).norm(dim=1) + self._gamma * xb.double().norm(dim=1)
         if not bool(torch.isfinite(beta).all()):
             return None
-        scores = torch.ops.aten._weight_int8pack_mm(_aligned(xb), self._q, self._scales)
-        scores = scores.float()
+        if self.fused_ops is not None and x.shape[0] == 1:
+            # float32 activations, sums and scales: within the same bound.
+            scores = self.fused_ops.int8_linear(x, self._q, self._scales32)
+        else:
+            scores = torch.ops.aten._weight_int8pack_mm(
+                _aligned(xb), self._q, self._scales
+            ).float()
         bound = scores.abs().mul_(_C_OUTPUT)
         bound.add_(_round_up(alpha)[:, None] * self._a)
         bound.add_(_round_up(beta)[:, None] * self._r)

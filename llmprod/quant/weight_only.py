@@ -212,11 +212,20 @@ class WeightOnlyInt8Linear(nn.Module):
             self._scales_key = key
         return self._scales_c
 
+    fused_ops: Any = None
+    """The fused CPU operations (``llmprod.layers.cpu.FusedOps``), set by the
+    engine where they run: a one-row float32 product then goes through their
+    int8 kernel (float32 activations and sums; 1.2x the bf16 kernel's speed
+    reading the weight from memory, docs/benchmarks.md "Fused CPU operations")."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         """Apply the layer; the result has ``x``'s dtype."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] < self.large_m_threshold and self.uses_fused_kernel:
+        ops = self.fused_ops
+        if ops is not None and x2.shape[0] == 1 and x2.dtype == torch.float32:
+            out = ops.int8_linear(x2.contiguous(), self.weight, self.scales)
+        elif x2.shape[0] < self.large_m_threshold and self.uses_fused_kernel:
             if self.weight.data_ptr() % _ALIGN_BYTES:
                 self.weight = _aligned(self.weight)
             out = torch.ops.aten._weight_int8pack_mm(

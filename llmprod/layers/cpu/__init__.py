@@ -249,11 +249,13 @@ def attach_fused_ops(
     backend_name: str,
     device: torch.device,
     dtype: torch.dtype,
+    head: object = None,
 ) -> bool:
     """Give ``model`` the fused operations where ``mode`` ("auto", "on", "off")
     and the setting allow: a native model (one with a ``fused_ops`` attribute)
-    in float32 on the CPU with the torch attention backend. Returns whether it
-    runs them.
+    in float32 on the CPU with the torch attention backend. Its submodules with
+    a ``fused_ops`` attribute (int8 linear layers) and the greedy ``head`` get
+    them too. Returns whether it runs them.
 
     Raises:
         ValueError: ``mode="on"`` where they cannot run, saying why.
@@ -271,8 +273,12 @@ def attach_fused_ops(
         )
     else:
         ops = fused_ops()
-        model.fused_ops = ops  # type: ignore[attr-defined]
         if ops is not None:
+            for module in model.modules():  # type: ignore[attr-defined]
+                if hasattr(module, "fused_ops"):
+                    module.fused_ops = ops
+            if head is not None and hasattr(head, "fused_ops"):
+                head.fused_ops = ops  # type: ignore[attr-defined]
             return True
         why = f"they could not be built here ({_failure})"
     if mode == "on":
